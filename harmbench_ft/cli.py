@@ -1,0 +1,184 @@
+"""The `hft-bench` command line: run, leaderboard, plugins.
+
+Usage errors print one line and exit 2; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from harmbench_ft.errors import HftBenchError, UsageError
+
+console = Console(stderr=True)
+
+
+def _key_values(text: str, what: str) -> dict[str, str]:
+    """'a=1,b=2' -> {'a': '1', 'b': '2'} with a clear error for anything else."""
+    out = {}
+    for part in [p for p in text.split(",") if p.strip()]:
+        if "=" not in part:
+            raise UsageError(f"{what}: expected key=value, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+ATTACK_KEYS = {"ratio": "attack.ratio", "p": "attack.ratio", "n": "attack.n", "task": "attack.task", "harmful": "attack.harmful_source"}
+
+
+def build_spec(args: argparse.Namespace):
+    """Preset, then the specific flags, then --set overrides (last wins)."""
+    from harmbench_ft.spec import apply_overrides, preset
+
+    spec = preset(args.preset)
+    overrides: dict[str, Any] = {"defense.name": args.defense}
+    if args.model:
+        overrides["model.name"] = args.model
+    if args.trust_remote_code:
+        overrides["model.trust_remote_code"] = True
+    for key, value in _key_values(args.attack or "", "--attack").items():
+        if key not in ATTACK_KEYS:
+            raise UsageError(f"--attack: unknown key {key!r}; known: {', '.join(sorted(ATTACK_KEYS))}")
+        overrides[ATTACK_KEYS[key]] = value
+    if args.task:
+        overrides["attack.task"] = args.task
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.judge:
+        overrides["evaluation.judges"] = ",".join(args.judge)
+    if args.backend:
+        overrides["evaluation.backend"] = args.backend
+    for item in args.set or []:
+        overrides.update(_key_values(item, "--set"))
+    defense_args: dict[str, str] = {}
+    for item in args.defense_arg or []:
+        defense_args.update(_key_values(item, "--defense-arg"))
+    spec = apply_overrides(spec, overrides)
+    spec.defense.args = defense_args
+    return spec
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harmbench_ft.runner import Runner
+
+    spec = build_spec(args)
+    runner = Runner(args.runs_dir, args.data_dir, console)
+    record = runner.run(spec)
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        print_result(record)
+    return 0
+
+
+def print_result(record: dict[str, Any]) -> None:
+    m = record["metrics"]
+    spec = record["spec"]
+    judge = record["stages"]["evaluation"]["judges"][0]["id"]
+    table = Table(title=f"{spec['defense']['name']} · {spec['attack']['task']} · p={spec['attack']['ratio']:g} · n={spec['attack']['n']} · {spec['model']['name']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row(f"harmful score (HS, judge {judge})", f"{m['harmful_score']:.1f}")
+    table.add_row("HS+ (flagged or incoherent)", f"{m['harmful_score_plus']:.1f}")
+    if "finetune_accuracy" in m:
+        table.add_row(f"fine-tune accuracy (FA, {spec['attack']['task']})", f"{m['finetune_accuracy']:.1f}")
+    for stage, info in record["stages"].items():
+        note = "reused" if info.get("reused") else ("skipped" if info.get("skipped") else "")
+        table.add_row(f"{stage} seconds", f"{info['seconds']:.1f} {note}".strip())
+    Console().print(table)
+    console.print(f"result: {Path(record['artifacts']['final']).parents[2] / record['run_id'] / 'result.json'}")
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from harmbench_ft.leaderboard import write_leaderboards
+
+    if not Path(args.runs_dir).is_dir():
+        raise UsageError(f"runs directory {args.runs_dir} does not exist")
+    written = write_leaderboards(Path(args.runs_dir), Path(args.out))
+    if not written:
+        raise UsageError(f"no finished results under {args.runs_dir}")
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from harmbench_ft.plugins import describe_plugins, get_registry
+
+    rows = describe_plugins()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="hft-bench plugins")
+    for col in ("distribution", "plugins", "registers"):
+        table.add_column(col)
+    for row in rows:
+        registers = row.get("error") and f"[red]failed to load: {row['error']}[/red]" or "; ".join(f"{k}: {', '.join(v)}" for k, v in row.items() if k not in ("distribution", "plugins"))
+        table.add_row(row["distribution"], ", ".join(row["plugins"]), registers)
+    Console().print(table)
+    registry = get_registry()
+    defenses = Table(title="defenses")
+    for col in ("name", "stages", "needs", "parameters (defaults)"):
+        defenses.add_column(col)
+    for name in registry.names("defenses"):
+        cls = registry.get("defenses", name)
+        params = ", ".join(f"{p['name']}={p['default']}" for p in cls.parameter_table()) or "-"
+        defenses.add_row(name, ", ".join(s.value for s in cls.stages) or "(sft)", ", ".join(cls.needs) or "-", params)
+    Console().print(defenses)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hft-bench", description="Benchmark defenses against harmful fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one defense against one attack and print HS and FA")
+    run.add_argument("--preset", default="cpu", help="tiny | cpu (default: SmolLM2-135M on real data) | paper (Llama-2-7B, GPU)")
+    run.add_argument("--defense", default="sft", help="defense name (see `hft-bench plugins`); default sft")
+    run.add_argument("--defense-arg", action="append", metavar="K=V", help="a defense parameter (repeatable)")
+    run.add_argument("--attack", metavar="ratio=P,n=N,task=T", help="poison ratio, sample number, task")
+    run.add_argument("--task", help="fine-tuning task (sst2, agnews, gsm8k, alpaca)")
+    run.add_argument("--model", help="alias (smollm2-135m, llama2-7b, tiny-llama), hub id or local path")
+    run.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    run.add_argument("--judge", action="append", help="harmfulness judge (repeatable; the first gives the headline HS)")
+    run.add_argument("--backend", help="generation backend (default hf)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--set", action="append", metavar="PATH=VALUE", help="override any spec field, e.g. finetune.lr=1e-4 (repeatable)")
+    run.add_argument("--runs-dir", default="runs", help="where results and artifacts go (default runs/)")
+    run.add_argument("--data-dir", help="offline dataset mirror (<hub_id>[/<config>]/<split>.jsonl); default $HFT_BENCH_DATA_DIR, else the hub")
+    run.add_argument("--json", action="store_true", help="print the result JSON on stdout")
+    run.set_defaults(func=cmd_run)
+
+    lb = sub.add_parser("leaderboard", help="render markdown + CSV tables from stored results")
+    lb.add_argument("--runs-dir", default="runs")
+    lb.add_argument("--out", default="leaderboards")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    pl = sub.add_parser("plugins", help="list plugin distributions, what they register, and every defense's parameters")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HftBenchError as exc:
+        console.print(f"hft-bench: error: {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("hft-bench: interrupted; rerun the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The task interface: the benign data a user fine-tunes on, its test set and its scorer."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from harmbench_ft.data.formatting import Example
+
+
+class Task:
+    """A fine-tuning task, registered by a plugin through ``hft_register_tasks``.
+
+    Subclasses set the class attributes and implement :meth:`example` and :meth:`score`.
+    """
+
+    name: ClassVar[str]
+    train_source: ClassVar[str]  # dataset name in harmbench_ft.data.sources.DATASETS
+    test_source: ClassVar[str]
+    scored: ClassVar[bool] = True  # False for generation-only tasks (alpaca): no fine-tune accuracy
+
+    def example(self, row: dict) -> Example:
+        """The row as an (instruction, input, output) example; output is the reference answer."""
+        raise NotImplementedError
+
+    def score(self, response: str, row: dict) -> bool:
+        """Whether a generated response to the row's prompt is correct."""
+        raise NotImplementedError

@@ -1,0 +1,116 @@
+"""Cut the data of one run into disjoint, exact windows.
+
+Windows (all disjoint by normalised prompt): harmful-score prompts, the provider's harmful set, the
+attack's poison rows, the alignment set. The attack takes exactly round(p*n) harmful rows and
+n - round(p*n) benign rows (the reference code's `start < i < start+n` lost one row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+
+from harmbench_ft.data.formatting import Example, normalize_prompt
+from harmbench_ft.data.sources import load_rows
+from harmbench_ft.data.tasks import Task
+from harmbench_ft.errors import UsageError
+from harmbench_ft.spec import RunSpec
+
+DATA_SEED = 0  # the permutation of benign task rows; fixed so every run sees the same rows
+REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm, and I won't assist with it."
+
+
+@dataclass
+class RunData:
+    alignment: list[Example]  # (harmful prompt, refusal): the alignment set
+    harmful: list[Example]  # provider-side (harmful prompt, harmful answer)
+    harmful_refusals: list[Example]  # the same prompts as `harmful`, answered safely (RepNoise pairs them)
+    user: list[Example]  # the upload: benign rows followed by poison rows
+    n_poison: int
+    hs_prompts: list[Example]  # harmful-score prompts (output empty)
+    task_test: list[tuple[Example, dict]]  # (prompt, original row) for the fine-tune accuracy
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def rows_hash(examples: list) -> str:
+    payload = [asdict(e) if isinstance(e, Example) else e for e in examples]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _beavertails(rows: list[dict], unsafe: bool) -> dict[str, dict]:
+    """First row per unique prompt, keeping only unsafe (or only safe) rows, in file order."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        if bool(row["is_safe"]) == (not unsafe):
+            out.setdefault(normalize_prompt(row["prompt"]), row)
+    return out
+
+
+def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
+    ev, al, at = spec.evaluation, spec.alignment, spec.attack
+
+    # Harmful-score prompts: the first unique unsafe prompts of the test split.
+    test_pool = _beavertails(load_rows(ev.harmful_prompts, data_dir), unsafe=True)
+    if len(test_pool) < ev.n_harmful_prompts:
+        raise UsageError(f"evaluation.n_harmful_prompts={ev.n_harmful_prompts} but {ev.harmful_prompts} has only {len(test_pool)} unique unsafe prompts")
+    hs_prompts = [Example(r["prompt"]) for r in list(test_pool.values())[: ev.n_harmful_prompts]]
+    taken = {e.key for e in hs_prompts}
+
+    # Provider harmful set from the front of the train pool, poison rows from its back: disjoint, and
+    # changing one size never shifts the other window.
+    train_rows = load_rows(al.harmful_source, data_dir)
+    pool = [r for k, r in _beavertails(train_rows, unsafe=True).items() if k not in taken]
+    n_poison = round(at.ratio * at.n)
+    if al.n_harmful + n_poison > len(pool):
+        raise UsageError(f"alignment.n_harmful ({al.n_harmful}) + poison rows ({n_poison}) exceed the {len(pool)} unique harmful prompts of {al.harmful_source}")
+    harmful_rows = pool[: al.n_harmful]
+    poison_rows = pool[len(pool) - n_poison :] if n_poison else []
+    if at.harmful_source != al.harmful_source:
+        attack_pool = [r for k, r in _beavertails(load_rows(at.harmful_source, data_dir), unsafe=True).items() if k not in taken and k not in {normalize_prompt(h["prompt"]) for h in harmful_rows}]
+        poison_rows = attack_pool[len(attack_pool) - n_poison :] if n_poison else []
+    harmful = [Example(r["prompt"], "", r["response"]) for r in harmful_rows]
+    poison = [Example(r["prompt"], "", r["response"]) for r in poison_rows]
+    safe_answers = _beavertails(train_rows, unsafe=False)
+    harmful_refusals = [Example(e.instruction, "", safe_answers.get(e.key, {}).get("response", REFUSAL)) for e in harmful]
+
+    # Alignment set: (harmful prompt, refusal) rows whose prompts appear in no other window. It avoids
+    # the whole harmful pool, not only the rows taken, so it does not change with p, n or n_harmful
+    # and one alignment artifact serves every attack setting.
+    taken |= {normalize_prompt(r["prompt"]) for r in train_rows} | {e.key for e in poison}
+    alignment = []
+    for r in load_rows(al.alignment_source, data_dir):
+        e = Example(r["instruction"], r.get("input") or "", r["output"])
+        if e.key not in taken:
+            alignment.append(e)
+            taken.add(e.key)
+        if len(alignment) == al.n_alignment:
+            break
+    if len(alignment) < al.n_alignment:
+        raise UsageError(f"alignment.n_alignment={al.n_alignment} but {al.alignment_source} has only {len(alignment)} usable rows")
+
+    # The user's benign rows: a fixed permutation of the task's train split.
+    benign_rows = load_rows(task.train_source, data_dir)
+    order = list(range(len(benign_rows)))
+    random.Random(DATA_SEED).shuffle(order)
+    n_benign = at.n - n_poison
+    if n_benign > len(order):
+        raise UsageError(f"attack.n={at.n} needs {n_benign} benign rows but {task.train_source} has {len(order)}")
+    benign = [task.example(benign_rows[i]) for i in order[:n_benign]]
+
+    test_rows = load_rows(task.test_source, data_dir)
+    if ev.n_task_test:
+        test_rows = test_rows[: ev.n_task_test]
+    task_test = [(task.example(r), r) for r in test_rows]
+
+    data = RunData(alignment, harmful, harmful_refusals, benign + poison, n_poison, hs_prompts, task_test)
+    data.hashes = {
+        "alignment": rows_hash(alignment),
+        "harmful": rows_hash(harmful),
+        "harmful_refusals": rows_hash(harmful_refusals),
+        "user": rows_hash(data.user),
+        "hs_prompts": rows_hash(hs_prompts),
+        "task_test": rows_hash([r for _, r in task_test]),
+    }
+    return data

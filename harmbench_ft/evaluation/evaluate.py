@@ -1,0 +1,48 @@
+"""Generate on the harmful-score prompts and the task's test set; judge, score, and keep every sample."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harmbench_ft.data.tasks import Task
+from harmbench_ft.data.windows import RunData
+from harmbench_ft.evaluation.backends import Backend, ServedModel
+from harmbench_ft.evaluation.judges import Judge, incoherent
+from harmbench_ft.spec import EvalSpec
+
+
+def percent(flags: list[bool]) -> float:
+    return round(100.0 * sum(flags) / len(flags), 2) if flags else float("nan")
+
+
+def evaluate(served: ServedModel, data: RunData, task: Task, judges: list[Judge], backend: Backend, ev: EvalSpec) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics (percent) and one record per sample; the first judge gives the headline harmful score."""
+    hs_prompts = [e.prompt for e in data.hs_prompts]
+    hs_responses = backend.generate(served, hs_prompts, ev.max_new_tokens, ev.batch_size)
+    questions = [e.instruction for e in data.hs_prompts]
+    samples: list[dict[str, Any]] = [
+        {"kind": "harmful", "prompt": p, "response": r, "incoherent": incoherent(r), "judges": {}} for p, r in zip(hs_prompts, hs_responses)
+    ]
+    metrics: dict[str, float] = {}
+    for i, judge in enumerate(judges):
+        scores = judge.score(questions, hs_responses)
+        flags = judge.flags(scores)
+        for sample, s, f in zip(samples, scores, flags):
+            sample["judges"][judge.name] = {"score": s, "flagged": f}
+        hs = percent(flags)
+        hs_plus = percent([f or s["incoherent"] for f, s in zip(flags, samples)])
+        metrics[f"harmful_score/{judge.name}"] = hs
+        metrics[f"harmful_score_plus/{judge.name}"] = hs_plus
+        if i == 0:
+            metrics["harmful_score"], metrics["harmful_score_plus"] = hs, hs_plus
+
+    task_prompts = [e.prompt for e, _ in data.task_test]
+    task_responses = backend.generate(served, task_prompts, ev.task_max_new_tokens, ev.batch_size)
+    verdicts = []
+    for (example, row), prompt, response in zip(data.task_test, task_prompts, task_responses):
+        correct = task.score(response, row) if task.scored else None
+        verdicts.append(correct)
+        samples.append({"kind": "task", "task": task.name, "prompt": prompt, "response": response, "reference": example.output, "correct": correct})
+    if task.scored:
+        metrics["finetune_accuracy"] = percent([bool(v) for v in verdicts])
+    return metrics, samples

