@@ -68,8 +68,17 @@ def _smollm2_from_gguf() -> Path | None:
     return target
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars and warnings are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_base(spec: ModelSpec):
     """The base model (float32, eval mode) and its tokenizer; pad = EOS, never a new token."""
+    quiet_transformers()
     if spec.name in TINY_MODELS:
         model, tokenizer = build_tiny(spec.name)
     elif spec.name.startswith("tiny-"):
