@@ -115,7 +115,10 @@ class Defense:
         hints = typing.get_type_hints(cls.Params)
         values = {k: parse_value(v, hints[k], f"{cls.name}.{k}") for k, v in args.items()}
         params = cls.Params(**values)
-        params.validate()
+        try:
+            params.validate()
+        except ValueError as exc:  # third parties need not import our error types
+            raise UsageError(str(exc)) from None
         return params
 
     @classmethod

@@ -41,11 +41,18 @@ _state = PluginState()
 _registry: Registry | None = None
 
 
-def load_plugins() -> None:
-    """Load every ``hft_bench`` entry point once; record, don't raise, on import failures."""
-    if _state.loaded:
+def load_plugins(rescan: bool = False) -> None:
+    """Load every ``hft_bench`` entry point once; record, don't raise, on import failures.
+
+    ``rescan=True`` looks again for entry points installed since (a notebook, a test).
+    """
+    global _registry
+    if _state.loaded and not rescan:
         return
     _state.loaded = True
+    if rescan:
+        _state.failures.clear()
+        _registry = None
     for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "(unknown distribution)"
         if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):

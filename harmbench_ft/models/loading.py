@@ -72,7 +72,10 @@ def quiet_transformers() -> None:
     """Our own progress bars say what is happening; transformers' per-load bars and warnings are noise."""
     from transformers.utils import logging as hf_logging
 
+    import warnings
+
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     hf_logging.disable_progress_bar()
 
 

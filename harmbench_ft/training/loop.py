@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harmbench_ft.defense import Stage, StepContext, StepResult
@@ -38,6 +39,7 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[rate]:.2f} steps/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays clean for --json
     )
 
 
@@ -71,6 +73,9 @@ def train(
             losses.append(result.loss)
             elapsed = time.perf_counter() - start
             progress.update(bar, advance=1, loss=result.loss, rate=(step + 1) / elapsed)
+            if not progress.console.is_terminal and (step + 1) % max(1, len(schedule) // 10) == 0:
+                # logs (CI, nohup) get a line every 10% instead of a live bar
+                progress.console.print(f"{description}: step {step + 1}/{len(schedule)} loss {result.loss:.4f} {(step + 1) / elapsed:.2f} steps/s")
     model.eval()
     seconds = time.perf_counter() - start
     return TrainStats(len(schedule), seconds, seconds / max(len(schedule), 1), losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))

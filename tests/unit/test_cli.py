@@ -1,0 +1,55 @@
+"""The command line: one-line errors with exit code 2, clean --json on stdout."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harmbench_ft.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--defense", "nope", "--preset", "tiny"], "unknown defense 'nope'"),
+        (["run", "--attack", "ratio", "--preset", "tiny"], "expected key=value"),
+        (["run", "--attack", "rate=0.1", "--preset", "tiny"], "unknown key 'rate'"),
+        (["run", "--set", "finetune.lrr=1", "--preset", "tiny"], "unknown setting 'finetune.lrr'"),
+        (["run", "--preset", "huge"], "unknown preset"),
+        (["run", "--attack", "ratio=2", "--preset", "tiny"], "attack.ratio must be in [0, 1]"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(argv, needle, capsys, tmp_path):
+    assert main(argv + ["--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.startswith("hft-bench: error:") and "Traceback" not in err
+
+
+def test_missing_data_is_a_usage_error(tmp_path, capsys):
+    assert main(["run", "--preset", "tiny", "--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path)]) == 2
+    assert "not found at" in capsys.readouterr().err
+
+
+def test_run_json_prints_only_the_result_on_stdout(tmp_path, shared_data):
+    proc = subprocess.run(
+        [sys.executable, "-m", "harmbench_ft.cli", "run", "--defense", "sft", "--attack", "ratio=0.1", "--preset", "tiny", "--data-dir", str(shared_data), "--runs-dir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout)
+    assert record["status"] == "finished" and (tmp_path / record["run_id"] / "result.json").is_file()
+
+
+def test_leaderboard_from_results(tmp_path, shared_data):
+    from harmbench_ft.runner import Runner
+    from harmbench_ft.spec import apply_overrides, preset
+
+    runner = Runner(tmp_path / "runs", shared_data)
+    for ratio in (0.0, 0.2):
+        runner.run(apply_overrides(preset("tiny"), {"attack.ratio": ratio}))
+    assert main(["leaderboard", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
+    md = next((tmp_path / "lb").glob("tiny-*.md")).read_text()
+    assert "| sft |" in md and "HS p=0" in md and "FA p=0.2" in md and "keyword" in md
+    csv = next((tmp_path / "lb").glob("tiny-*.csv")).read_text().splitlines()
+    assert csv[0].startswith("defense,ratio,HS_mean") and len(csv) == 3

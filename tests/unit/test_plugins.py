@@ -1,0 +1,107 @@
+"""The registry: in-process plugins, duplicate names, broken entry points, a real third-party package."""
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harmbench_ft import Defense, hookimpl, plugins
+from harmbench_ft.errors import PluginError, UsageError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Dummy(Defense):
+    name = "dummy-defense"
+
+
+class DummyPlugin:
+    @hookimpl
+    def hft_register_defenses(self, register):
+        register(Dummy)
+
+
+def test_inline_plugin_registers_and_unregisters():
+    plugins.register_plugin(DummyPlugin(), name="dummy")
+    try:
+        assert "dummy-defense" in plugins.get_registry().names("defenses")
+    finally:
+        plugins.unregister_plugin("dummy")
+    assert "dummy-defense" not in plugins.get_registry().names("defenses")
+
+
+def test_duplicate_name_is_an_error_naming_both_sources():
+    class Clash(Defense):
+        name = "sft"
+
+    class ClashPlugin:
+        @hookimpl
+        def hft_register_defenses(self, register):
+            register(Clash)
+
+    plugins.register_plugin(ClashPlugin(), name="clash")
+    try:
+        with pytest.raises(PluginError) as err:
+            plugins.get_registry()
+        assert "'sft'" in str(err.value) and "'clash'" in str(err.value) and "hft-bench" in str(err.value)
+    finally:
+        plugins.unregister_plugin("clash")
+
+
+def test_misspelled_hookimpl_is_an_error():
+    class Typo:
+        @hookimpl
+        def hft_register_defences(self, register):  # British spelling: no such hook
+            pass
+
+    with pytest.raises(Exception, match="hft_register_defences"):
+        plugins.register_plugin(Typo(), name="typo")
+    plugins.pm.unregister(name="typo")
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(UsageError, match="known: .*sft"):
+        plugins.get_registry().get("defenses", "no-such-defense")
+
+
+def _fake_distribution(site: Path, name: str, entry_points: str) -> None:
+    dist = site / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+
+
+def test_broken_plugin_is_reported_and_does_not_break_the_others(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "broken-plugin", "[hft_bench]\nbroken = no_such_module_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        plugins.load_plugins(rescan=True)
+        failures = plugins.load_failures()
+        assert any("no_such_module_anywhere" in f.entry_point and f.distribution == "broken-plugin 0.1.0" for f in failures)
+        assert "sft" in plugins.get_registry().names("defenses")
+        with pytest.raises(UsageError, match="failed to load: broken"):
+            plugins.get_registry().get("defenses", "missing")
+    finally:
+        sys.path.remove(str(tmp_path))
+        plugins.load_plugins(rescan=True)
+
+
+def test_example_third_party_package_is_discovered_through_its_entry_point(tmp_path, monkeypatch):
+    example = REPO / "examples" / "hft-bench-example-defense"
+    _fake_distribution(tmp_path, "hft-bench-example-defense", "[hft_bench]\nexample-l2-anchor = hft_bench_example_defense\n")
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        plugins.load_plugins(rescan=True)
+        registry = plugins.get_registry()
+        entry = registry.entries["defenses"]["example-l2-anchor"]
+        assert entry.distribution == "hft-bench-example-defense 0.1.0"
+        described = {row["distribution"]: row for row in plugins.describe_plugins()}
+        assert described["hft-bench-example-defense 0.1.0"]["defenses"] == ["example-l2-anchor"]
+    finally:
+        for path in (str(tmp_path), str(example)):
+            if path in sys.path:
+                sys.path.remove(path)
+        plugins.pm.unregister(name="example-l2-anchor")
+        plugins.load_plugins(rescan=True)

@@ -1,0 +1,102 @@
+"""The staged runner on the tiny preset with real rows: complete results, shared artifacts, resume."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from harmbench_ft import plugins
+from harmbench_ft.runner import Runner
+from harmbench_ft.spec import apply_overrides, preset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_spec(**overrides):
+    return apply_overrides(preset("tiny"), overrides)
+
+
+def test_result_is_complete(tmp_path, shared_data):
+    record = Runner(tmp_path, shared_data).run(tiny_spec())
+    assert record["version"] == 1 and record["status"] == "finished"
+    assert set(record["stages"]) == {"alignment", "finetune", "post_finetune", "evaluation"}
+    assert all({"seconds", "reused"} <= set(info) for info in record["stages"].values())
+    for metric in ("harmful_score", "harmful_score_plus", "finetune_accuracy"):
+        assert 0.0 <= record["metrics"][metric] <= 100.0
+    assert record["spec"]["defense"]["name"] == "sft" and record["adapter_regime"]
+    assert record["provenance"]["libraries"]["torch"]
+    assert record["data"]["n_poison"] == 2 and record["data"]["n_user"] == 20  # round(0.1 * 20)
+    run_dir = tmp_path / record["run_id"]
+    assert json.loads((run_dir / "result.json").read_text()) == record
+    samples = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert sum(s["kind"] == "harmful" for s in samples) == 8 and sum(s["kind"] == "task" for s in samples) == 8
+    assert all("keyword" in s["judges"] for s in samples if s["kind"] == "harmful")
+
+
+def test_alignment_is_shared_across_attacks_and_a_finished_run_is_not_redone(tmp_path, shared_data):
+    runner = Runner(tmp_path, shared_data)
+    first = runner.run(tiny_spec(**{"attack.ratio": 0.1}))
+    second = runner.run(tiny_spec(**{"attack.ratio": 0.2}))
+    assert second["stages"]["alignment"]["reused"] is True
+    assert second["stages"]["finetune"]["reused"] is False
+    assert second["artifacts"]["alignment"] == first["artifacts"]["alignment"]
+    assert runner.run(tiny_spec(**{"attack.ratio": 0.1})) == first
+
+
+def test_a_failed_run_leaves_no_result_and_resumes_at_its_stage(tmp_path, shared_data, monkeypatch):
+    runner = Runner(tmp_path, shared_data)
+    spec = tiny_spec()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during fine-tuning")
+
+    monkeypatch.setattr(Runner, "_train_finetune", crash)
+    with pytest.raises(RuntimeError):
+        runner.run(spec)
+    run_dir = runner.run_dir(runner.prepare(spec)[0])
+    assert not (run_dir / "result.json").exists()
+    assert json.loads((run_dir / "error.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    record = runner.run(spec)
+    assert record["stages"]["alignment"]["reused"] is True and record["stages"]["finetune"]["reused"] is False
+    assert not (run_dir / "error.json").exists()
+
+
+def test_unfinished_artifact_folder_is_never_reused(tmp_path, shared_data):
+    runner = Runner(tmp_path, shared_data)
+    spec, defense, data, plan = runner.prepare(tiny_spec())
+    half = runner.artifact_dir("alignment", plan.alignment)
+    half.mkdir(parents=True)
+    (half / "adapter_model.safetensors").write_bytes(b"truncated")
+    record = runner.run(spec)
+    assert record["stages"]["alignment"]["reused"] is False
+
+
+def test_seed_changes_the_run_and_reproduces_it(tmp_path, shared_data):
+    a = Runner(tmp_path / "a", shared_data).run(tiny_spec(seed=1))
+    b = Runner(tmp_path / "b", shared_data).run(tiny_spec(seed=1))
+    assert a["run_id"] == b["run_id"] and a["metrics"] == b["metrics"]
+    assert a["stages"]["finetune"]["last_loss"] == b["stages"]["finetune"]["last_loss"]
+
+
+def test_third_party_defense_runs_through_its_entry_point(tmp_path, shared_data, monkeypatch):
+    example = REPO / "examples" / "hft-bench-example-defense"
+    site = tmp_path / "site"
+    dist = site / "hft_bench_example_defense-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hft-bench-example-defense\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[hft_bench]\nexample-l2-anchor = hft_bench_example_defense\n")
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        plugins.load_plugins(rescan=True)
+        record = Runner(tmp_path / "runs", shared_data).run(tiny_spec(**{"defense.name": "example-l2-anchor"}))
+        assert record["defense"] == {"name": "example-l2-anchor", "stages": ["finetune"], "params": {"mu": 0.1}}
+        assert record["stages"]["finetune"]["steps"] == 5
+    finally:
+        for path in (str(site), str(example)):
+            if path in sys.path:
+                sys.path.remove(path)
+        plugins.pm.unregister(name="example-l2-anchor")
+        plugins.load_plugins(rescan=True)

@@ -1,0 +1,46 @@
+import pytest
+
+from harmbench_ft.errors import UsageError
+from harmbench_ft.spec import PRESETS, apply_overrides, known_paths, preset, spec_from_dict, validate
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_hash_survives_a_json_round_trip(name):
+    spec = preset(name)
+    assert spec_from_dict(spec.to_dict()).content_hash() == spec.content_hash()
+
+
+def test_hash_changes_with_any_setting_and_not_with_int_vs_float():
+    spec = preset("tiny")
+    assert apply_overrides(spec, {"finetune.lr": "2e-3"}).content_hash() != spec.content_hash()
+    assert apply_overrides(spec, {"finetune.epochs": 1}).content_hash() == spec.content_hash()
+
+
+def test_overrides_parse_to_field_types():
+    spec = apply_overrides(preset("tiny"), {"finetune.lora_targets": "q_proj,v_proj", "finetune.bf16": "true", "finetune.max_steps": "none", "attack.n": "40"})
+    assert spec.finetune.lora_targets == ["q_proj", "v_proj"]
+    assert spec.finetune.bf16 is True and spec.finetune.max_steps is None and spec.attack.n == 40
+
+
+def test_unknown_and_bad_settings_are_all_reported_with_the_known_ones():
+    with pytest.raises(UsageError) as err:
+        apply_overrides(preset("tiny"), {"finetune.lrr": 1, "attack.n": "many"})
+    message = str(err.value)
+    assert "finetune.lrr" in message and "attack.n" in message and "finetune.lr" in message
+
+
+def test_validate_reports_every_problem():
+    spec = apply_overrides(preset("tiny"), {"attack.ratio": 1.5, "finetune.batch_size": 4, "finetune.micro_batch_size": 3})
+    with pytest.raises(UsageError) as err:
+        validate(spec)
+    assert "attack.ratio" in str(err.value) and "micro_batch_size" in str(err.value)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(UsageError, match="tiny, cpu, paper"):
+        preset("huge")
+
+
+def test_known_paths_cover_nested_fields():
+    paths = known_paths()
+    assert "alignment.train.lr" in paths and "evaluation.judges" in paths and "seed" in paths

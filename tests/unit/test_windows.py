@@ -1,0 +1,58 @@
+"""Data windows: disjoint by prompt, exact counts, and an alignment set independent of the attack."""
+
+import pytest
+
+from harmbench_ft.data.sources import load_rows
+from harmbench_ft.data.windows import build_run_data
+from harmbench_ft.errors import DataMissingError
+from harmbench_ft.plugins import get_registry
+from harmbench_ft.spec import apply_overrides, preset
+
+
+def data_for(shared_data, **overrides):
+    spec = apply_overrides(preset("tiny"), {"attack.n": 1000, "alignment.n_alignment": 300, "alignment.n_harmful": 300, "evaluation.n_harmful_prompts": 200, **overrides})
+    return build_run_data(spec, get_registry().get("tasks", spec.attack.task), shared_data)
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.1, 100), (0.05, 50), (0.0, 0), (0.15, 150)])
+def test_exactly_round_p_n_harmful_rows(shared_data, ratio, expected):
+    data = data_for(shared_data, **{"attack.ratio": ratio})
+    assert data.n_poison == expected and len(data.user) == 1000
+    poison_keys = {e.key for e in data.user[1000 - expected :]}
+    harmful_prompts = {e.key for e in data.harmful}
+    assert len(poison_keys) == expected and not poison_keys & harmful_prompts
+
+
+def test_windows_are_disjoint_by_prompt(shared_data):
+    data = data_for(shared_data, **{"attack.ratio": 0.2})
+    windows = {
+        "alignment": {e.key for e in data.alignment},
+        "harmful": {e.key for e in data.harmful},
+        "poison": {e.key for e in data.user[len(data.user) - data.n_poison :]},
+        "hs": {e.key for e in data.hs_prompts},
+    }
+    names = list(windows)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not windows[a] & windows[b], f"{a} and {b} share prompts"
+    assert len(windows["hs"]) == 200  # unique prompts
+
+
+def test_alignment_and_provider_sets_do_not_move_with_the_attack(shared_data):
+    a = data_for(shared_data, **{"attack.ratio": 0.05})
+    b = data_for(shared_data, **{"attack.ratio": 0.2, "attack.n": 500})
+    assert a.hashes["alignment"] == b.hashes["alignment"] and a.hashes["harmful"] == b.hashes["harmful"]
+    assert a.hashes["user"] != b.hashes["user"]
+
+
+def test_harmful_refusals_pair_the_harmful_prompts(shared_data):
+    data = data_for(shared_data)
+    assert [e.instruction for e in data.harmful_refusals] == [e.instruction for e in data.harmful]
+    assert all(s.output != h.output for s, h in zip(data.harmful_refusals, data.harmful))
+
+
+def test_missing_mirror_file_says_which_dataset_where_and_how_to_fix(tmp_path):
+    with pytest.raises(DataMissingError) as err:
+        load_rows("sst2-train", tmp_path)
+    message = str(err.value)
+    assert "sst2-train" in message and str(tmp_path / "stanfordnlp" / "sst2" / "train.jsonl") in message and "--data-dir" in message
