@@ -1,0 +1,166 @@
+"""RepNoise (alignment stage): push harmful representations toward Gaussian noise while keeping refusals.
+
+Loss on paired batches (protocol.md section 3), x_h = harmful prompt + harmful answer, x_s = the same
+prompt + a safe answer:
+
+    L = CE_retain(x_s) + β · mean_l MMD(mlp_out_l(x_h), N(0, I)) − α · log(H)
+    H = (CE(final logits, x_h) + Σ_j CE(lm_head(norm(hidden_j)), x_h)) / (L + 1) + 1
+
+Choices the protocol leaves open, made here:
+- MMD positions: the MLP output of every decoder layer at the *response tokens* of x_h (positions whose
+  label is not -100), one d-dimensional sample per token, against as many N(0, I_d) samples.
+- Gaussian samples come from a CPU generator seeded with ``noise_seed * 1_000_000 + step`` and drawn
+  in a fixed order (micro-batch, then layer), so a step's loss is reproducible on any device.
+- The logit lens: the L+1 hidden states are the embedding output and the L layer outputs. In
+  transformers 5.23 ``output_hidden_states`` already applies the final norm to the last one (and
+  lm_head of it *is* the final logits), so the lens of the last layer is the final-logits term and only
+  ``hidden_states[:-1]`` go through lm_head(norm(.)): L+1 terms, each normed exactly once, and H is
+  their mean + 1. (The reference sums L+2 terms, normalising the last hidden state twice.)
+
+Fixes vs the reference: labels stay integer (never multiplied by a float mask); the two streams are
+paired by prompt (same seed, same length, see harmbench_ft.training.batches.BatchStream); the MLP
+hooks are removed every step, also when the forward fails.
+
+Gradient accumulation: CE_retain is exact (token sum over all micro-batches / their token count, as
+loss_gradient). The MMD and log(H) terms are nonlinear in the batch, so they are computed per
+micro-batch and averaged: an approximation of the big-batch loss, exact only with one micro-batch.
+
+The original learning rate is 1e-4 (protocol.md): it is the alignment stage's lr, set it with
+``--set alignment.train.lr=1e-4``.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from harmbench_ft import Defense, Stage, StepContext, StepResult, UsageError, hookimpl, layers, lm_loss_sum, response_tokens
+
+BANDWIDTH_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # × the mean pairwise squared distance (protocol.md section 3)
+
+
+@dataclass
+class Params:
+    # α, weight of −log(H), the harmful-loss ascent: protocol.md section 3, original paper default
+    # (Rosati et al. 2024); the Booster/Panacea LoRA re-runs used 0.1 or 0.02.
+    alpha: float = 1.0
+    # β, weight of the MMD-to-noise term: protocol.md section 3, original paper default (re-runs: 0.001 or 0.1).
+    beta: float = 0.001
+    # Seed of the Gaussian samples (mixed with the step index): ours, so that the loss is reproducible.
+    noise_seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"repnoise: {name}={value} is out of range; it must be a finite number >= 0 (default {getattr(Params(), name)})")
+        if self.noise_seed < 0:
+            raise UsageError(f"repnoise: noise_seed={self.noise_seed} is out of range; it must be an integer >= 0 (default 0)")
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Biased MMD² between samples x (n, d) and y (m, d): a sum of 5 RBF kernels exp(−‖a−b‖²/b_i) with
+    b_i = {¼,½,1,2,4} × the mean pairwise squared distance of the pooled samples (detached, as the reference)."""
+    z = torch.cat([x.float(), y.float()])
+    sq = (z * z).sum(1)
+    dist = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)  # expanded: no (n, n, d) tensor
+    n = z.shape[0]
+    bandwidth = (dist.detach().sum() / (n * n - n)).clamp_min(1e-12)
+    kernel = sum(torch.exp(-dist / (bandwidth * s)) for s in BANDWIDTH_SCALES)
+    k = x.shape[0]
+    return kernel[:k, :k].mean() + kernel[k:, k:].mean() - 2 * kernel[:k, k:].mean()
+
+
+@contextlib.contextmanager
+def captured_outputs(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Record each module's forward output, in module order; the hooks are gone when the block exits."""
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out)) for m in modules]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mean_response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens, on logits already gathered at those positions."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def harmful_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward of a harmful micro-batch: (mean_l MMD to noise, H, CE of the final logits)."""
+    mlps = layers.mlp_modules(model)
+    with captured_outputs(mlps) as mlp_outputs:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    if len(mlp_outputs) != len(mlps) or len(out.hidden_states) != len(mlps) + 1:
+        raise RuntimeError(f"repnoise: expected {len(mlps)} MLP outputs and {len(mlps) + 1} hidden states, got {len(mlp_outputs)} and {len(out.hidden_states)}")
+
+    # MMD between each layer's MLP output at the response tokens and as many N(0, I) samples.
+    tokens = batch["labels"] != -100
+    noise = torch.stack([
+        mmd(h[tokens], torch.randn(int(tokens.sum()), h.shape[-1], generator=generator).to(h.device)) for h in mlp_outputs
+    ]).mean()
+
+    # Logit lens at the positions that predict a response token (the shift of causal LM).
+    predicts = batch["labels"][:, 1:] != -100
+    targets = batch["labels"][:, 1:][predicts]
+    final_ce = mean_response_ce(out.logits[:, :-1][predicts], targets)
+    norm, head = layers.final_norm(model), layers.lm_head(model)
+    lens = [mean_response_ce(head(norm(h[:, :-1][predicts])), targets) for h in out.hidden_states[:-1]]  # the last one is already normed: it is final_ce
+    h_value = (final_ce + sum(lens)) / (len(lens) + 1) + 1
+    return noise, h_value, final_ce
+
+
+class RepNoise(Defense):
+    name = "repnoise"
+    description = "Representation noising (Rosati et al. 2024): retain refusals, map harmful MLP activations to N(0,I) (MMD), ascend the logit-lens harmful loss; ~2.5x SFT cost."
+    stages = (Stage.ALIGNMENT,)
+    needs = ("harmful", "harmful_refusals")
+    Params = Params
+
+    def schedule(self, stage: Stage, n_steps: int) -> list[str]:
+        """Alignment steps draw the safe answers of the harmful prompts; step() draws their harmful twins."""
+        if stage is Stage.ALIGNMENT:
+            return ["harmful_refusals"] * n_steps
+        return super().schedule(stage, n_steps)
+
+    def step(self, ctx: StepContext, batches: list) -> StepResult:
+        alpha, beta = self.params.alpha, self.params.beta
+        harmless = batches  # x_s, from the "harmful_refusals" stream
+        harmful = ctx.batches("harmful")  # x_h: same seed and length as x_s, so row i has the same prompt
+        if [b["input_ids"].shape[0] for b in harmful] != [b["input_ids"].shape[0] for b in harmless]:
+            raise RuntimeError("repnoise: harmful and harmful_refusals micro-batches differ in size, so they are not paired by prompt")
+        generator = torch.Generator(device="cpu").manual_seed(self.params.noise_seed * 1_000_000 + ctx.step)
+        total_s = max(sum(response_tokens(b) for b in harmless), 1)
+        k = len(harmful)
+
+        for p in ctx.params:
+            p.grad = None
+        retain_sum = noise_sum = log_h_sum = harmful_ce_sum = 0.0
+        try:
+            for x_s, x_h in zip(harmless, harmful):
+                # Two backward passes per micro-batch, so only one forward graph is alive at a time.
+                retain = lm_loss_sum(ctx.model, x_s) / total_s
+                retain.backward()
+                noise, h_value, harmful_ce = harmful_terms(ctx.model, x_h, generator)
+                log_h = torch.log(h_value)
+                ((beta * noise - alpha * log_h) / k).backward()
+                retain_sum += float(retain.detach())
+                noise_sum += float(noise.detach()) / k
+                log_h_sum += float(log_h.detach()) / k
+                harmful_ce_sum += float(harmful_ce.detach()) / k
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ctx.params]
+        finally:
+            for p in ctx.params:
+                p.grad = None
+        loss = retain_sum + beta * noise_sum - alpha * log_h_sum
+        return StepResult(loss, grads, {"retain_loss": retain_sum, "mmd": noise_sum, "log_h": log_h_sum, "harmful_loss": harmful_ce_sum})
+
+
+@hookimpl
+def hft_register_defenses(register):
+    register(RepNoise)
