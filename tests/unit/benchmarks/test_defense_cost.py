@@ -1,0 +1,17 @@
+"""The cost benchmark still runs (on a tiny model); its numbers are measured with the real one."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "defense_cost.py"
+
+
+def test_defense_cost_benchmark_reports_every_defense(shared_data, capsys):
+    spec = importlib.util.spec_from_file_location("defense_cost", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--model", "tiny-llama", "--repeats", "1", "--batch-size", "2", "--max-length", "64", "--data-dir", str(shared_data)])
+    by_name = {r["defense"] for r in rows}
+    assert by_name == {"sft", "booster", "vaccine", "repnoise", "lisa", "panacea", "random-perturbation"}
+    assert all(r["time_ratio"] > 0 for r in rows if r["s_per_step"] is not None and r["defense"] != "sft")
+    assert "booster" in capsys.readouterr().out
