@@ -1,12 +1,17 @@
 """Render leaderboards from stored result records only: one table per protocol, never mixed.
 
-A protocol is everything in a spec except the defense, the poison ratio and the seed. Rows are
-defenses, columns HS and FA per poison ratio plus their averages, as mean ± std over seeds.
+A protocol is everything in a spec except the defense, the poison ratio and the seed (so the model, the
+task, the judges and the preset are part of it). Per protocol: a markdown file (rows defenses, columns
+HS and FA per poison ratio plus their averages, mean ± std over seeds, the protocol's settings, each
+defense's cost), its CSV twin, and a PNG plot of HS and FA against the poison ratio. An index
+``README.md`` links them.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,8 @@ import pandas as pd
 
 from harmbench_ft.results import iter_results, write_atomic
 from harmbench_ft.spec import stable_hash
+
+METRICS = {"HS": "harmful_score", "HS+": "harmful_score_plus", "FA": "finetune_accuracy"}
 
 
 def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +38,8 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
         spec = record["spec"]
         proto = protocol_of(spec)
         stages = record.get("stages", {})
+        judges = stages.get("evaluation", {}).get("judges") or [{"id": spec["evaluation"]["judges"][0]}]
+        headline = judges[0]
         rows.append(
             {
                 "protocol": stable_hash(proto)[:8],
@@ -38,12 +47,12 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
                 "model": spec["model"]["name"],
                 "task": spec["attack"]["task"],
                 "judge": spec["evaluation"]["judges"][0],
+                "judge_desc": ", ".join(f"{k} {v}" for k, v in headline.items() if k != "id") or "-",
                 "defense": spec["defense"]["name"],
+                "defense_args": json.dumps(spec["defense"].get("args", {}), sort_keys=True),
                 "ratio": spec["attack"]["ratio"],
                 "seed": spec["seed"],
-                "HS": record["metrics"].get("harmful_score"),
-                "HS+": record["metrics"].get("harmful_score_plus"),
-                "FA": record["metrics"].get("finetune_accuracy"),
+                **{short: record["metrics"].get(name) for short, name in METRICS.items()},
                 "alignment_s": stages.get("alignment", {}).get("train_seconds"),
                 "finetune_s": stages.get("finetune", {}).get("train_seconds"),
                 "finetune_s_per_step": stages.get("finetune", {}).get("seconds_per_step"),
@@ -52,6 +61,23 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _row_labels(df: pd.DataFrame) -> pd.Series:
+    """The defense name; with its arguments where one protocol holds the same defense with different ones."""
+    variants = df.groupby("defense")["defense_args"].nunique()
+
+    def label(row) -> str:
+        if variants[row["defense"]] == 1:
+            return row["defense"]
+        args = json.loads(row["defense_args"])
+        return f"{row['defense']} ({', '.join(f'{k}={v}' for k, v in args.items())})"
+
+    return df.apply(label, axis=1)
+
+
+def _ordered(labels) -> list[str]:
+    return sorted(set(labels), key=lambda d: (d != "sft", d))  # the undefended baseline first
 
 
 def _cell(values: pd.Series) -> str:
@@ -63,41 +89,110 @@ def _cell(values: pd.Series) -> str:
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
+def _cost(df: pd.DataFrame) -> pd.DataFrame:
+    """Per row label: mean alignment/fine-tuning training seconds and seconds per step as a ratio to SFT."""
+    agg = df.groupby("row")[["alignment_s", "finetune_s", "alignment_s_per_step", "finetune_s_per_step"]].mean()
+    base = agg.loc["sft"] if "sft" in agg.index else None
+    for col in ("alignment", "finetune"):
+        agg[f"{col}_step_x_sft"] = agg[f"{col}_s_per_step"] / base[f"{col}_s_per_step"] if base is not None and base[f"{col}_s_per_step"] else float("nan")
+    return agg
+
+
 def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """The markdown table and the CSV frame (means and stds) of one protocol's results."""
+    """The markdown table and its CSV twin (per ratio and averaged over ratios; means, stds and cost)."""
+    df = df.assign(row=_row_labels(df))
     ratios = sorted(df["ratio"].unique())
-    defenses = sorted(df["defense"].unique(), key=lambda d: (d != "sft", d))
+    cost = _cost(df)
     header = ["Defense"] + [f"HS p={r:g}" for r in ratios] + ["HS avg"] + [f"FA p={r:g}" for r in ratios] + ["FA avg", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
-    for defense in defenses:
-        sub = df[df["defense"] == defense]
+    for row in _ordered(df["row"]):
+        sub = df[df["row"] == row]
         # the average over ratios is taken per seed first, so its ± is a spread over seeds
-        per_seed = sub.groupby("seed")[["HS", "FA"]].mean()
-        cells = [defense]
+        per_seed = sub.groupby("seed")[["HS", "HS+", "FA"]].mean()
+        cells = [row]
         cells += [_cell(sub[sub["ratio"] == r]["HS"]) for r in ratios] + [_cell(per_seed["HS"])]
         cells += [_cell(sub[sub["ratio"] == r]["FA"]) for r in ratios] + [_cell(per_seed["FA"])]
         cells.append(str(sub["seed"].nunique()))
         lines.append("| " + " | ".join(cells) + " |")
-        for r in ratios:
-            at = sub[sub["ratio"] == r]
-            csv_rows.append({"defense": defense, "ratio": r, "HS_mean": at["HS"].mean(), "HS_std": at["HS"].std(ddof=1), "FA_mean": at["FA"].mean(), "FA_std": at["FA"].std(ddof=1), "HS+_mean": at["HS+"].mean(), "n_seeds": at["seed"].nunique()})
+        c = cost.loc[row]
+        costs = {"cost_alignment_s": c["alignment_s"], "cost_finetune_s": c["finetune_s"], "cost_alignment_step_x_sft": c["alignment_step_x_sft"], "cost_finetune_step_x_sft": c["finetune_step_x_sft"]}
+        groups = [(f"{r:g}", sub[sub["ratio"] == r]) for r in ratios] + [("avg", per_seed.reset_index())]
+        for ratio, at in groups:
+            csv_rows.append({
+                "defense": row, "ratio": ratio,
+                "HS_mean": at["HS"].mean(), "HS_std": at["HS"].std(ddof=1), "FA_mean": at["FA"].mean(), "FA_std": at["FA"].std(ddof=1),
+                "HS+_mean": at["HS+"].mean(), "n_seeds": at["seed"].nunique(), **costs,
+            })
     return "\n".join(lines), pd.DataFrame(csv_rows)
 
 
 def cost_table(df: pd.DataFrame) -> str:
     """Per-defense cost: alignment and fine-tuning seconds, seconds per step as a ratio to SFT."""
-    agg = df.groupby("defense")[["alignment_s", "finetune_s", "alignment_s_per_step", "finetune_s_per_step"]].mean()
-    base = agg.loc["sft"] if "sft" in agg.index else None
+    df = df.assign(row=_row_labels(df))
+    cost = _cost(df)
     lines = ["| Defense | alignment s | fine-tune s | alignment s/step (× SFT) | fine-tune s/step (× SFT) |", "|---|---|---|---|---|"]
-    for defense, row in agg.iterrows():
-        def ratio(col: str) -> str:
-            if base is None or not base[col]:
-                return f"{row[col]:.3f}"
-            return f"{row[col]:.3f} ({row[col] / base[col]:.2f}×)"
+    for row in _ordered(df["row"]):
+        c = cost.loc[row]
 
-        lines.append(f"| {defense} | {row['alignment_s']:.0f} | {row['finetune_s']:.0f} | {ratio('alignment_s_per_step')} | {ratio('finetune_s_per_step')} |")
+        def per_step(stage: str) -> str:
+            ratio = c[f"{stage}_step_x_sft"]
+            return f"{c[f'{stage}_s_per_step']:.3f}" + ("" if pd.isna(ratio) else f" ({ratio:.2f}×)")
+
+        lines.append(f"| {row} | {c['alignment_s']:.1f} | {c['finetune_s']:.1f} | {per_step('alignment')} | {per_step('finetune')} |")
     return "\n".join(lines)
+
+
+def plot_protocol(df: pd.DataFrame, title: str) -> bytes:
+    """PNG: HS vs p and FA vs p, one line per defense, error bars = std over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend: no display, no global state
+    from matplotlib.figure import Figure
+
+    df = df.assign(row=_row_labels(df))
+    rows = _ordered(df["row"])
+    ratios = sorted(df["ratio"].unique())
+    judge = df["judge"].iloc[0]
+    fig = Figure(figsize=(11, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    spread = (max(ratios) - min(ratios)) or 1.0
+    for i, row in enumerate(rows):
+        stats = df[df["row"] == row].groupby("ratio")[["HS", "FA"]].agg(["mean", "std"])
+        dodge = (i - (len(rows) - 1) / 2) * 0.012 * spread  # identical lines stay visible side by side
+        for ax, metric in zip(axes, ("HS", "FA")):
+            ax.errorbar(stats.index + dodge, stats[metric]["mean"], yerr=stats[metric]["std"].fillna(0), marker="os^vDP*X"[i % 8], linestyle=("-", "--", "-.", ":")[i % 4], capsize=3, label=row)
+    for ax, name in zip(axes, (f"harmful score HS (%, judge {judge}; lower is better)", "fine-tune accuracy FA (%; higher is better)")):
+        ax.set_xlabel("poison ratio p")
+        ax.set_ylabel(name)
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="defense", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _protocol_summary(proto: dict[str, Any], judge_desc: str, judge: str) -> str:
+    """The settings a reader needs to interpret the table, in one list; the full spec follows below."""
+    al, ft, ev, at = proto["alignment"], proto["finetune"], proto["evaluation"], proto["attack"]
+
+    def train(t: dict) -> str:
+        steps = f", max {t['max_steps']} steps" if t.get("max_steps") else ""
+        return f"{t['epochs']:g} epoch(s){steps}, batch {t['batch_size']}, lr {t['lr']:g}, LoRA r={t['lora_r']} α={t['lora_alpha']} on {', '.join(t['lora_targets'])}, max length {t['max_length']}"
+
+    return "\n".join(
+        [
+            f"- model `{proto['model']['name']}`, preset `{proto['preset']}`",
+            f"- attack: task `{at['task']}`, n = {at['n']} rows uploaded, poison rows from `{at['harmful_source']}`",
+            f"- alignment: {al['n_alignment']} refusal rows from `{al['alignment_source']}`, {al['n_harmful']} provider harmful rows; {train(al['train'])}",
+            f"- fine-tuning: {train(ft)}",
+            f"- evaluation: HS on {ev['n_harmful_prompts']} prompts of `{ev['harmful_prompts']}` ({ev['max_new_tokens']} new tokens), judge `{judge}` ({judge_desc}); "
+            f"FA on {ev['n_task_test'] or 'all'} test rows; backend `{ev['backend']}`",
+        ]
+    )
 
 
 def _slug(text: str) -> str:
@@ -105,29 +200,40 @@ def _slug(text: str) -> str:
 
 
 def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
-    """One markdown + CSV pair per protocol, and an index README; returns the files written."""
+    """One markdown + CSV + PNG per protocol, and an index README; returns the files written."""
     df = results_frame(Path(runs_dir))
     if df.empty:
         return []
     out_dir = Path(out_dir)
-    written, index = [], ["# Leaderboards", "", "Rendered by `hft-bench leaderboard` from stored result records; one file per protocol.", ""]
+    written = []
+    index = ["# Leaderboards", "", "Rendered by `hft-bench leaderboard` from stored result records only; one table per protocol (model, task, judge, preset and every other setting).", ""]
     for proto_id, sub in df.groupby("protocol"):
         first = sub.iloc[0]
         stem = _slug(f"{first['preset']}-{first['model'].split('/')[-1]}-{first['task']}-{first['judge']}-{proto_id}")
+        title = f"{first['task']} · {first['model']} · preset {first['preset']}"
         table, csv = protocol_table(sub)
         proto = first["_proto"]
         settings = "\n".join(f"- `{k}`: `{v}`" for k, v in _flatten(proto).items())
+        params = sub.drop_duplicates("defense_args").sort_values("defense")
+        defenses = "\n".join(f"- `{r.defense}`: " + (", ".join(f"{k}={v}" for k, v in json.loads(r.defense_args).items()) or "no parameters") for r in params.itertuples())
         md = (
-            f"# {first['task']} · {first['model']} · preset {first['preset']}\n\n"
-            f"Harmful score (HS, %, judge: **{first['judge']}**; lower is better) and fine-tune accuracy (FA, %) "
-            f"per poison ratio p. Mean ± std over seeds where more than one seed ran.\n\n{table}\n\n"
-            f"## Cost\n\n{cost_table(sub)}\n\n## Protocol `{proto_id}`\n\n{settings}\n"
+            f"# {title}\n\n"
+            f"Harmful score (HS, %, judge: **{first['judge']}**; lower is better) and fine-tune accuracy (FA, %; higher is better) "
+            f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
+            f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
+            f"![HS and FA against the poison ratio]({stem}.png)\n\n"
+            f"## Defenses\n\n{defenses}\n\n"
+            f"## Cost\n\nTraining seconds of each stage (mean over runs; a shared alignment counts for every defense that uses it) "
+            f"and seconds per optimizer step relative to SFT.\n\n{cost_table(sub)}\n\n"
+            f"## Protocol `{proto_id}`\n\n<details><summary>every setting</summary>\n\n{settings}\n\n</details>\n"
         )
-        md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+        md_path, csv_path, png_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
         write_atomic(md_path, md)
         write_atomic(csv_path, csv.to_csv(index=False))
-        written += [md_path, csv_path]
-        index.append(f"- [{stem}]({stem}.md): {sub['defense'].nunique()} defenses, p ∈ {sorted(sub['ratio'].unique())}, judge {first['judge']}")
+        write_atomic(png_path, plot_protocol(sub, f"{title} · protocol {proto_id}"))
+        written += [md_path, csv_path, png_path]
+        ratios = ", ".join(f"{r:g}" for r in sorted(sub["ratio"].unique()))
+        index.append(f"- [{title}]({stem}.md) ([csv]({stem}.csv), [plot]({stem}.png)): {sub['defense'].nunique()} defenses, p ∈ {{{ratios}}}, {sub['seed'].nunique()} seed(s), judge {first['judge']}")
     readme = out_dir / "README.md"
     write_atomic(readme, "\n".join(index) + "\n")
     return written + [readme]

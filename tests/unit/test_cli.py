@@ -52,4 +52,4 @@ def test_leaderboard_from_results(tmp_path, shared_data):
     md = next((tmp_path / "lb").glob("tiny-*.md")).read_text()
     assert "| sft |" in md and "HS p=0" in md and "FA p=0.2" in md and "keyword" in md
     csv = next((tmp_path / "lb").glob("tiny-*.csv")).read_text().splitlines()
-    assert csv[0].startswith("defense,ratio,HS_mean") and len(csv) == 3
+    assert csv[0].startswith("defense,ratio,HS_mean") and len(csv) == 4  # p=0, p=0.2 and their average

@@ -1,0 +1,95 @@
+"""Leaderboards from result records: one file set per protocol, mean ± std over seeds, cost, CSV twin, PNG."""
+
+import io
+
+import pandas as pd
+import pytest
+
+from harmbench_ft import results
+from harmbench_ft.leaderboard import write_leaderboards
+from harmbench_ft.spec import apply_overrides, preset
+
+# (defense, ratio) -> HS per seed 0 and 1; FA = 100 - HS / 2
+HS = {("sft", 0.0): (10.0, 20.0), ("sft", 0.2): (60.0, 70.0), ("booster", 0.0): (4.0, 6.0), ("booster", 0.2): (20.0, 30.0)}
+SECONDS_PER_STEP = {"sft": (0.5, 0.25), "booster": (1.5, 0.5)}  # alignment, fine-tuning
+
+
+def record(defense, ratio, seed, hs, task="sst2", args=None):
+    spec = apply_overrides(preset("tiny"), {"defense.name": defense, "attack.ratio": ratio, "seed": seed, "attack.task": task})
+    spec.defense.args = args or ({"lamb": 5.0} if defense == "booster" else {})
+    align, ft = SECONDS_PER_STEP[defense]
+    return {
+        "version": 1, "status": "finished", "run_id": spec.run_id(), "spec": spec.to_dict(),
+        "metrics": {"harmful_score": hs, "harmful_score_plus": hs + 1, "finetune_accuracy": 100 - hs / 2},
+        "stages": {
+            "alignment": {"seconds": 1, "reused": False, "train_seconds": align * 4, "seconds_per_step": align},
+            "finetune": {"seconds": 1, "reused": False, "train_seconds": ft * 5, "seconds_per_step": ft},
+            "evaluation": {"seconds": 1, "reused": False, "judges": [{"id": "keyword", "version": "1"}]},
+        },
+    }
+
+
+@pytest.fixture
+def runs(tmp_path):
+    runs = tmp_path / "runs"
+    for (defense, ratio), per_seed in HS.items():
+        for seed, hs in enumerate(per_seed):
+            rec = record(defense, ratio, seed, hs)
+            results.write_json(runs / rec["run_id"] / "result.json", rec)
+    other = record("sft", 0.2, 0, 99.0, task="agnews")  # another protocol: must get its own files
+    results.write_json(runs / other["run_id"] / "result.json", other)
+    failed = record("sft", 0.0, 5, 0.0)  # only finished records count
+    failed["status"] = "failed"
+    results.write_json(runs / failed["run_id"] / "result.json", failed)
+    return runs
+
+
+def test_one_table_per_protocol_with_mean_std_cost_and_settings(runs, tmp_path):
+    written = write_leaderboards(runs, tmp_path / "lb")
+    names = sorted(p.name for p in written)
+    assert len([n for n in names if n.endswith(".md") and n != "README.md"]) == 2
+    assert len([n for n in names if n.endswith(".png")]) == 2 and len([n for n in names if n.endswith(".csv")]) == 2
+    md = next((tmp_path / "lb").glob("tiny-tiny-llama-sst2-keyword-*.md")).read_text()
+    assert "| Defense | HS p=0 | HS p=0.2 | HS avg | FA p=0 | FA p=0.2 | FA avg | seeds |" in md
+    # sft at p=0: 15 ± 7.1; averaged over ratios per seed (35, 45): 40 ± 7.1; FA 100 - HS/2
+    assert "| sft | 15.0 ± 7.1 | 65.0 ± 7.1 | 40.0 ± 7.1 | 92.5 ± 3.5 | 67.5 ± 3.5 | 80.0 ± 3.5 | 2 |" in md
+    assert md.index("| sft |") < md.index("| booster |")  # the baseline first
+    assert "99.0" not in md  # the agnews protocol is not mixed in
+    assert "judge: **keyword**" in md and "judge `keyword` (version 1)" in md
+    assert md.index("| booster |") < md.index("- model `tiny-llama`, preset `tiny`")  # settings under the table
+    assert "| booster | 6.0 | 2.5 | 1.500 (3.00×) | 0.500 (2.00×) |" in md  # cost: seconds, s/step ratio to SFT
+    assert "- `booster`: lamb=5.0" in md and "`attack.n`: `20`" in md
+    stem = next((tmp_path / "lb").glob("tiny-tiny-llama-sst2-*.md")).stem
+    assert f"![HS and FA against the poison ratio]({stem}.png)" in md
+    index = (tmp_path / "lb" / "README.md").read_text()
+    assert f"({stem}.md)" in index and "p ∈ {0, 0.2}" in index and index.count("- [") == 2
+
+
+def test_the_csv_twin_holds_the_same_numbers(runs, tmp_path):
+    write_leaderboards(runs, tmp_path / "lb")
+    csv = pd.read_csv(next((tmp_path / "lb").glob("tiny-tiny-llama-sst2-*.csv")), dtype={"ratio": str})
+    rows = csv.set_index(["defense", "ratio"])
+    assert list(rows.index) == [("sft", "0"), ("sft", "0.2"), ("sft", "avg"), ("booster", "0"), ("booster", "0.2"), ("booster", "avg")]
+    assert rows.loc[("sft", "0"), "HS_mean"] == 15.0 and rows.loc[("sft", "0"), "HS_std"] == pytest.approx(7.0711, abs=1e-4)
+    assert rows.loc[("sft", "avg"), "HS_mean"] == 40.0 and rows.loc[("booster", "avg"), "FA_mean"] == pytest.approx(100 - 15 / 2)
+    assert rows.loc[("booster", "0.2"), "cost_finetune_step_x_sft"] == 2.0 and rows.loc[("booster", "0.2"), "n_seeds"] == 2
+
+
+def test_the_plot_is_a_png_with_both_panels(runs, tmp_path):
+    from PIL import Image
+
+    write_leaderboards(runs, tmp_path / "lb")
+    png = next((tmp_path / "lb").glob("tiny-tiny-llama-sst2-*.png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(png))
+    assert image.size[0] > 2 * image.size[1]  # two panels side by side
+
+
+def test_the_same_defense_with_different_arguments_gets_separate_rows(tmp_path):
+    runs = tmp_path / "runs"
+    for lamb, hs in ((5.0, 10.0), (20.0, 50.0)):
+        rec = record("booster", 0.1, 0, hs, args={"lamb": lamb})
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    md = next(p for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md").read_text()
+    assert "| booster (lamb=5.0) | 10.0 |" in md and "| booster (lamb=20.0) | 50.0 |" in md
