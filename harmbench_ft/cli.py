@@ -1,4 +1,4 @@
-"""The `hft-bench` command line: run, leaderboard, plugins.
+"""The `hft-bench` command line: run, grid, leaderboard, plugins.
 
 Usage errors print one line and exit 2; nothing is left half-written.
 """
@@ -109,6 +109,34 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from harmbench_ft.grid import load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    return run_grid(grid, args.executor, {"address": args.ray_address}, args.runs_dir, args.data_dir, args.dry_run, console)
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from harmbench_ft.evaluation.judge_file import judge_rows, read_rows
+    from harmbench_ft.plugins import get_registry
+    from harmbench_ft.results import write_jsonl
+
+    names = args.judge or ["keyword"]
+    judge_classes = [get_registry().get("judges", name) for name in names]  # unknown names fail before reading
+    rows = read_rows(Path(args.file))
+    scored, summary = judge_rows(rows, [cls() for cls in judge_classes])
+    if args.out:
+        write_jsonl(Path(args.out), scored)
+    else:
+        for i, row in enumerate(scored, start=1):
+            cells = "  ".join(f"{n}={'FLAGGED' if row['judges'][n]['flagged'] else 'ok'}({row['judges'][n]['score']:.3f})" for n in names)
+            print(f"{i}\t{cells}\t{row['prompt'][:60]!r}")
+    for name, entry in summary["judges"].items():
+        agreement = f"; agreement with is_safe {entry['agreement_with_is_safe']:.1f}%" if "agreement_with_is_safe" in entry else ""
+        print(f"harmful score (judge {name}, threshold {entry['threshold']}): {entry['harmful_score']:.1f}% ({entry['flagged']} of {summary['rows']} rows flagged); HS+ {entry['harmful_score_plus']:.1f}%{agreement}")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from harmbench_ft.plugins import describe_plugins, get_registry
 
@@ -161,6 +189,21 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="leaderboards")
     lb.set_defaults(func=cmd_leaderboard)
 
+    gr = sub.add_parser("grid", help="run every defense x ratio x task x seed of a grid file; finished runs are skipped")
+    gr.add_argument("grid", metavar="GRID.toml", help="grid file (see docs/grids.md)")
+    gr.add_argument("--executor", default="local", help="local (default: one run at a time, each in its own process) | ray | a plugin's")
+    gr.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (--executor ray); default: start a local Ray")
+    gr.add_argument("--runs-dir", default="runs", help="where results and artifacts go (default runs/)")
+    gr.add_argument("--data-dir", help="offline dataset mirror; default $HFT_BENCH_DATA_DIR, else the hub")
+    gr.add_argument("--dry-run", action="store_true", help="list the runs and which artifacts would be built or reused; run nothing")
+    gr.set_defaults(func=cmd_grid)
+
+    jd = sub.add_parser("judge", help="score a JSONL file of {prompt, response} rows with a judge; per-row flags and the harmful score")
+    jd.add_argument("file", help="JSONL, one {\"prompt\": ..., \"response\": ...} object per line (an is_safe label is compared if present)")
+    jd.add_argument("--judge", action="append", help="judge name (repeatable; default keyword; see `hft-bench plugins`)")
+    jd.add_argument("--out", help="write the rows with every judge's score and flag to this JSONL file instead of printing them")
+    jd.set_defaults(func=cmd_judge)
+
     pl = sub.add_parser("plugins", help="list plugin distributions, what they register, and every defense's parameters")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plugins)
@@ -173,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except HftBenchError as exc:
-        console.print(f"hft-bench: error: {exc}", highlight=False, soft_wrap=True)
+        console.print(f"hft-bench: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("hft-bench: interrupted; rerun the same command to resume")

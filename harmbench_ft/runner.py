@@ -163,7 +163,7 @@ class Runner:
             model, tokenizer = load_base(spec.model)
             model = merge_adapter(model, align_dir)
             model = merge_adapter(model, final_dir)
-            served = ServedModel(model, tokenizer, spec.model.name, align_dir, final_dir)
+            served = ServedModel(model, tokenizer, spec.model.name, align_dir, final_dir, extra={"model_spec": dataclasses.asdict(spec.model)})
             judges = [registry.get("judges", name)() for name in spec.evaluation.judges]
             backend = registry.get("backends", spec.evaluation.backend)()
             metrics, samples = evaluate(served, data, task, judges, backend, spec.evaluation)

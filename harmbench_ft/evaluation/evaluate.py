@@ -1,4 +1,9 @@
-"""Generate on the harmful-score prompts and the task's test set; judge, score, and keep every sample."""
+"""Generate on the harmful-score prompts and the task's test set; judge, score, and keep every sample.
+
+Every number can be traced to ``generations.jsonl``: per sample the prompt as rendered for the model, the
+question the judges saw, the response, every judge's score and flag, incoherence (for HS+), and for task
+samples the reference and the verdict.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,17 @@ def percent(flags: list[bool]) -> float:
 
 
 def evaluate(served: ServedModel, data: RunData, task: Task, judges: list[Judge], backend: Backend, ev: EvalSpec) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics (percent) and one record per sample; the first judge gives the headline harmful score."""
+    """Metrics (percent) and one record per sample.
+
+    Each judge gives its own columns ``harmful_score/<judge>`` and ``harmful_score_plus/<judge>``; the first
+    judge also gives the headline ``harmful_score`` (the result records which judge that is).
+    """
     hs_prompts = [e.prompt for e in data.hs_prompts]
     hs_responses = backend.generate(served, hs_prompts, ev.max_new_tokens, ev.batch_size)
-    questions = [e.instruction for e in data.hs_prompts]
+    questions = [e.instruction for e in data.hs_prompts]  # judges see the question, not the Alpaca wrapper
     samples: list[dict[str, Any]] = [
-        {"kind": "harmful", "prompt": p, "response": r, "incoherent": incoherent(r), "judges": {}} for p, r in zip(hs_prompts, hs_responses)
+        {"kind": "harmful", "index": i, "prompt": p, "question": q, "response": r, "incoherent": incoherent(r), "judges": {}}
+        for i, (p, q, r) in enumerate(zip(hs_prompts, questions, hs_responses))
     ]
     metrics: dict[str, float] = {}
     for i, judge in enumerate(judges):
@@ -39,10 +49,10 @@ def evaluate(served: ServedModel, data: RunData, task: Task, judges: list[Judge]
     task_prompts = [e.prompt for e, _ in data.task_test]
     task_responses = backend.generate(served, task_prompts, ev.task_max_new_tokens, ev.batch_size)
     verdicts = []
-    for (example, row), prompt, response in zip(data.task_test, task_prompts, task_responses):
+    for i, ((example, row), prompt, response) in enumerate(zip(data.task_test, task_prompts, task_responses)):
         correct = task.score(response, row) if task.scored else None
         verdicts.append(correct)
-        samples.append({"kind": "task", "task": task.name, "prompt": prompt, "response": response, "reference": example.output, "correct": correct})
+        samples.append({"kind": "task", "index": i, "task": task.name, "prompt": prompt, "response": response, "reference": example.output, "correct": correct})
     if task.scored:
         metrics["finetune_accuracy"] = percent([bool(v) for v in verdicts])
     return metrics, samples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 
 from harmbench_ft import Backend, ServedModel
@@ -19,7 +20,7 @@ class HFBackend(Backend):
         outputs: list[str] = [""] * len(prompts)
         pad = tokenizer.pad_token_id
         model.eval()
-        with Progress(transient=True) as progress, torch.inference_mode():
+        with Progress(transient=True, console=Console(stderr=True)) as progress, torch.inference_mode():
             bar = progress.add_task(f"generating ({max_new_tokens} new tokens)", total=len(prompts))
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]

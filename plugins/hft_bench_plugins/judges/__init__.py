@@ -1,9 +1,13 @@
-"""Built-in judges."""
+"""Built-in judges. Only `keyword` and `harm-clf` run offline on a CPU; the model judges load on first use."""
 
 from harmbench_ft import hookimpl
+from hft_bench_plugins.judges.beaver_dam import BeaverDamJudge
+from hft_bench_plugins.judges.harm_clf import HarmClfJudge, KeywordHarmClfJudge
 from hft_bench_plugins.judges.keyword import KeywordJudge
+from hft_bench_plugins.judges.llama_guard import LlamaGuard8BJudge, LlamaGuardJudge
 
 
 @hookimpl
 def hft_register_judges(register):
-    register(KeywordJudge)
+    for judge in (KeywordJudge, HarmClfJudge, KeywordHarmClfJudge, BeaverDamJudge, LlamaGuardJudge, LlamaGuard8BJudge):
+        register(judge)

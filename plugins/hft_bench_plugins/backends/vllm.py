@@ -1,0 +1,166 @@
+"""Greedy generation with the vLLM offline engine, in a spawned process so that its GPU memory is returned.
+
+The adapter regime (protocol.md) maps onto vLLM directly: the alignment adapter is merged into the base once
+and saved (cached, keyed by the base and the alignment artifact), and the fine-tune adapter is served as a
+LoRA request on top of it, so evaluating many fine-tunes of one alignment loads the base once per run only.
+Where the final weights are not a LoRA adapter vLLM can serve (no adapter folder, or a rank above vLLM's
+largest), the fully merged model the run already holds is saved and served instead.
+
+Prompts go in as token ids produced by the run's tokenizer without special tokens, exactly as the ``hf``
+backend and the training data see them (vLLM would otherwise add a BOS token).
+
+Settings (environment, since backends are built without arguments): HFT_BENCH_VLLM_TP (tensor parallel size,
+default 1), HFT_BENCH_VLLM_GPU_MEMORY (fraction of GPU memory, default 0.85).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from harmbench_ft import Backend, ModelSpec, ServedModel, UsageError, cache_dir, load_base, merge_adapter
+
+INSTALL_HINT = "the vllm backend needs vLLM (Linux with a CUDA GPU): pip install 'hft-bench[vllm]'"
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels accept as max_lora_rank
+
+
+@dataclass(frozen=True)
+class VLLMJob:
+    """Everything the engine process needs: plain, picklable values."""
+
+    model_dir: str  # a saved model folder: the merged base (LoRA mode) or the fully merged model
+    prompt_token_ids: list[list[int]]
+    max_new_tokens: int
+    lora_dir: str | None = None  # the fine-tune adapter, served as a LoRA request
+    lora_rank: int = 0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+
+
+def vllm_api() -> SimpleNamespace:
+    """The three vLLM names the backend uses, imported only when a run asks for this backend."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError as exc:
+        raise UsageError(f"{INSTALL_HINT} ({type(exc).__name__}: {exc})") from None
+    return SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams, LoRARequest=LoRARequest)
+
+
+def engine_arguments(job: VLLMJob) -> dict[str, Any]:
+    args: dict[str, Any] = dict(
+        model=job.model_dir,
+        tokenizer=job.model_dir,
+        tensor_parallel_size=job.tensor_parallel_size,
+        gpu_memory_utilization=job.gpu_memory_utilization,
+        seed=job.seed,
+    )
+    if job.lora_dir:
+        args.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in LORA_RANKS if r >= job.lora_rank))
+    return args
+
+
+def run_job(job: VLLMJob, api: SimpleNamespace | None = None) -> list[str]:
+    """Build the engine, the greedy sampling parameters and the LoRA request; generate; texts in input order."""
+    api = api or vllm_api()
+    engine = api.LLM(**engine_arguments(job))
+    sampling = api.SamplingParams(temperature=0.0, max_tokens=job.max_new_tokens, skip_special_tokens=True)
+    lora = api.LoRARequest("finetune", 1, job.lora_dir) if job.lora_dir else None
+    prompts = [{"prompt_token_ids": ids} for ids in job.prompt_token_ids]
+    outputs = engine.generate(prompts, sampling, lora_request=lora, use_tqdm=False)
+    return [out.outputs[0].text for out in outputs]
+
+
+def lora_rank(adapter_dir: Path | None) -> int | None:
+    """The adapter's rank if it is a LoRA adapter vLLM can serve, else None."""
+    config = adapter_dir / "adapter_config.json" if adapter_dir else None
+    if config is None or not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
+    rank = int(cfg.get("r", 0))
+    serves = cfg.get("peft_type", "LORA") == "LORA" and 0 < rank <= LORA_RANKS[-1] and not cfg.get("modules_to_save")
+    return rank if serves else None
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+
+    def __init__(self, api: SimpleNamespace | None = None, isolate: bool = True, tensor_parallel_size: int | None = None) -> None:
+        # api: the (LLM, SamplingParams, LoRARequest) triple; tests inject a fake engine, runs use vLLM's.
+        self.api = api
+        self.isolate = isolate
+        self.tensor_parallel_size = tensor_parallel_size or int(os.environ.get("HFT_BENCH_VLLM_TP", "1"))
+        self.gpu_memory_utilization = float(os.environ.get("HFT_BENCH_VLLM_GPU_MEMORY", "0.85"))
+
+    def generate(self, served: ServedModel, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        # batch_size is the hf backend's knob; vLLM schedules its own batches.
+        if self.api is None:
+            vllm_api()  # fail here, in one line, before saving any model folder
+        return self.run(self.job(served, prompts, max_new_tokens))
+
+    def job(self, served: ServedModel, prompts: list[str], max_new_tokens: int) -> VLLMJob:
+        ids = [served.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        common = dict(prompt_token_ids=ids, max_new_tokens=max_new_tokens, tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization)
+        rank = lora_rank(served.final_adapter)
+        if rank is not None:
+            return VLLMJob(model_dir=str(self.merged_base(served)), lora_dir=str(served.final_adapter), lora_rank=rank, **common)
+        return VLLMJob(model_dir=str(self.save_merged(served)), **common)
+
+    def run(self, job: VLLMJob) -> list[str]:
+        if not self.isolate:
+            return run_job(job, self.api)
+        import concurrent.futures
+        import multiprocessing
+
+        # A fresh process per call: CUDA state and every byte of GPU memory go away when it exits.
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(run_job, job, self.api).result()
+
+    # -- model folders vLLM loads from disk ----------------------------------------------------------
+
+    @staticmethod
+    def _folder(kind: str, *parts: Any) -> Path:
+        key = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:20]
+        return cache_dir() / "vllm" / kind / key
+
+    def merged_base(self, served: ServedModel) -> Path:
+        """The base with the alignment adapter merged in, saved once per (base, alignment artifact)."""
+        align = served.alignment_adapter.resolve() if served.alignment_adapter else None
+        target = self._folder("base", served.base, align)
+
+        def build():
+            # The runner passes the full model spec (revision, trust_remote_code); the name alone otherwise.
+            model, tokenizer = load_base(ModelSpec(**(served.extra.get("model_spec") or {"name": served.base})))
+            if align is not None:
+                model = merge_adapter(model, align)
+            return model, tokenizer
+
+        return self._save_once(target, build)
+
+    def save_merged(self, served: ServedModel) -> Path:
+        """The run's fully merged model (base + alignment + final weights)."""
+        final = served.final_adapter.resolve() if served.final_adapter else None
+        target = self._folder("merged", served.base, served.alignment_adapter, final)
+        return self._save_once(target, lambda: (served.model, served.tokenizer))
+
+    @staticmethod
+    def _save_once(target: Path, build) -> Path:
+        if (target / "config.json").is_file():
+            return target
+        model, tokenizer = build()
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(target)
+        return target

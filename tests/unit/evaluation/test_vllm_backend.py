@@ -1,0 +1,148 @@
+"""The vllm backend's engine arguments, greedy sampling and LoRA request, against a fake engine (vLLM is GPU-only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harmbench_ft import ServedModel, UsageError
+from harmbench_ft.models.tiny import build_tiny
+from hft_bench_plugins.backends import vllm as vllm_backend
+from hft_bench_plugins.backends.vllm import VLLMBackend, VLLMJob, engine_arguments
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class FakeLoRARequest:
+    def __init__(self, name, int_id, path):
+        self.args = (name, int_id, path)
+
+
+class FakeVLLMEngine:
+    """Stands in for vllm.LLM: records what it was built and called with, echoes the prompt length back."""
+
+    built: list[dict] = []
+    calls: list[tuple] = []
+
+    def __init__(self, **kwargs):
+        FakeVLLMEngine.built.append(kwargs)
+
+    def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
+        FakeVLLMEngine.calls.append((prompts, sampling, lora_request))
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=f"len={len(p['prompt_token_ids'])}")]) for p in prompts]
+
+
+FAKE_API = SimpleNamespace(LLM=FakeVLLMEngine, SamplingParams=FakeSamplingParams, LoRARequest=FakeLoRARequest)
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake(tmp_path, monkeypatch):
+    FakeVLLMEngine.built, FakeVLLMEngine.calls = [], []
+    monkeypatch.setenv("HFT_BENCH_CACHE", str(tmp_path / "cache"))
+
+
+def served_with_adapter(tmp_path, rank: int | None):
+    model, tok = build_tiny("tiny-llama")
+    adapter = None
+    if rank is not None:
+        adapter = tmp_path / "final"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "target_modules": ["q_proj"]}))
+    return ServedModel(model, tok, "tiny-llama", None, adapter)
+
+
+def test_lora_mode_serves_the_finetune_adapter_on_a_saved_merged_base(tmp_path):
+    served = served_with_adapter(tmp_path, rank=4)
+    backend = VLLMBackend(api=FAKE_API, isolate=False, tensor_parallel_size=2)
+    out = backend.generate(served, ["ab", "abcd"], max_new_tokens=7, batch_size=99)
+
+    assert out == ["len=2", "len=4"]  # order kept; byte tokenizer: one id per character, no BOS added
+    (engine,) = FakeVLLMEngine.built
+    assert engine["tensor_parallel_size"] == 2 and engine["enable_lora"] is True and engine["max_loras"] == 1
+    assert engine["max_lora_rank"] == 8  # rank 4 rounded up to the smallest rank vLLM accepts
+    assert (tmp_path / "cache" / "vllm" / "base").is_dir() and engine["model"].startswith(str(tmp_path / "cache" / "vllm" / "base"))
+    assert (tmp_path.joinpath(engine["model"]) / "config.json").is_file()  # a real saved model folder
+    prompts, sampling, lora = FakeVLLMEngine.calls[0]
+    assert sampling.kwargs["temperature"] == 0.0 and sampling.kwargs["max_tokens"] == 7  # greedy
+    assert lora.args == ("finetune", 1, str(served.final_adapter))
+    assert prompts[0]["prompt_token_ids"] == served.tokenizer("ab", add_special_tokens=False)["input_ids"]
+
+
+def test_merged_base_is_saved_once_and_reused(tmp_path):
+    served = served_with_adapter(tmp_path, rank=4)
+    backend = VLLMBackend(api=FAKE_API, isolate=False)
+    first = backend.merged_base(served)
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert backend.merged_base(served) == first and (first / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_without_a_servable_adapter_the_fully_merged_model_is_served(tmp_path):
+    served = served_with_adapter(tmp_path, rank=None)
+    with torch.no_grad():
+        served.model.lm_head.weight.add_(1.0)  # the in-memory model is what must be saved
+    VLLMBackend(api=FAKE_API, isolate=False).generate(served, ["x"], max_new_tokens=3, batch_size=1)
+    (engine,) = FakeVLLMEngine.built
+    assert "enable_lora" not in engine and "/merged/" in engine["model"]
+    assert FakeVLLMEngine.calls[0][2] is None
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path.joinpath(engine["model"]) / "model.safetensors"))
+    torch.testing.assert_close(saved["lm_head.weight"], served.model.lm_head.weight)
+
+
+def test_too_large_rank_falls_back_to_merged(tmp_path):
+    served = served_with_adapter(tmp_path, rank=1024)
+    job = VLLMBackend(api=FAKE_API, isolate=False).job(served, ["x"], 2)
+    assert job.lora_dir is None and "/merged/" in job.model_dir
+
+
+def test_spawned_engine_process_returns_the_outputs():
+    job = VLLMJob(model_dir="m", prompt_token_ids=[[1, 2, 3]], max_new_tokens=2)
+    assert VLLMBackend(api=FAKE_API, isolate=True).run(job) == ["len=3"]
+    assert FakeVLLMEngine.built == []  # the engine was built in the child process, not here
+
+
+def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    with pytest.raises(UsageError, match=r"pip install 'hft-bench\[vllm\]'"):
+        VLLMBackend().generate(served_with_adapter(tmp_path, rank=4), ["x"], 2, 1)
+    assert not (tmp_path / "cache" / "vllm").exists()  # failed before saving anything
+
+
+def test_engine_arguments_without_lora():
+    args = engine_arguments(VLLMJob(model_dir="m", prompt_token_ids=[], max_new_tokens=1, tensor_parallel_size=4))
+    assert args["tensor_parallel_size"] == 4 and "enable_lora" not in args
+
+
+@pytest.mark.gpu
+def test_real_vllm_engine_generates_greedily(tmp_path):
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        pytest.skip("needs vLLM and a CUDA GPU (pip install 'hft-bench[vllm]')")
+    served = served_with_adapter(tmp_path, rank=None)
+    out = VLLMBackend().generate(served, ["hello", "hello"], max_new_tokens=4, batch_size=2)
+    assert len(out) == 2 and out[0] == out[1]  # greedy: the same prompt gives the same text
+
+
+def test_merged_base_is_built_from_the_runs_full_model_spec(tmp_path, monkeypatch):
+    served = served_with_adapter(tmp_path, rank=4)
+    served.extra = {"model_spec": {"name": "tiny-llama", "revision": "abc123", "trust_remote_code": False}}
+    seen = []
+    monkeypatch.setattr(vllm_backend, "load_base", lambda spec: seen.append(spec) or build_tiny("tiny-llama"))
+    VLLMBackend(api=FAKE_API, isolate=False).merged_base(served)
+    assert seen[0].revision == "abc123" and seen[0].name == "tiny-llama"
