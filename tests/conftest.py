@@ -71,6 +71,14 @@ def make_ctx(model, stage: Stage, streams: dict, step: int = 0, total_steps: int
     return StepContext(model, [p for _, p in named], [n for n, _ in named], stage, step, total_steps, source, streams)
 
 
+def fake_distribution(site: Path, name: str, entry_points: str) -> None:
+    """An installed-looking distribution (a dist-info folder) so importlib.metadata finds its entry points."""
+    dist = site / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+
+
 @pytest.fixture
 def tiny():
     """(peft model, tokenizer) of a tiny random Llama."""

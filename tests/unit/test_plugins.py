@@ -8,6 +8,7 @@ import pytest
 
 from harmbench_ft import Defense, hookimpl, plugins
 from harmbench_ft.errors import PluginError, UsageError
+from tests.conftest import fake_distribution
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,15 +66,8 @@ def test_unknown_name_lists_known_ones():
         plugins.get_registry().get("defenses", "no-such-defense")
 
 
-def _fake_distribution(site: Path, name: str, entry_points: str) -> None:
-    dist = site / f"{name.replace('-', '_')}-0.1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text(entry_points)
-
-
 def test_broken_plugin_is_reported_and_does_not_break_the_others(tmp_path, monkeypatch):
-    _fake_distribution(tmp_path, "broken-plugin", "[hft_bench]\nbroken = no_such_module_anywhere\n")
+    fake_distribution(tmp_path, "broken-plugin", "[hft_bench]\nbroken = no_such_module_anywhere\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         plugins.load_plugins(rescan=True)
@@ -89,7 +83,7 @@ def test_broken_plugin_is_reported_and_does_not_break_the_others(tmp_path, monke
 
 def test_example_third_party_package_is_discovered_through_its_entry_point(tmp_path, monkeypatch):
     example = REPO / "examples" / "hft-bench-example-defense"
-    _fake_distribution(tmp_path, "hft-bench-example-defense", "[hft_bench]\nexample-l2-anchor = hft_bench_example_defense\n")
+    fake_distribution(tmp_path, "hft-bench-example-defense", "[hft_bench]\nexample-l2-anchor = hft_bench_example_defense\n")
     monkeypatch.syspath_prepend(str(example))
     monkeypatch.syspath_prepend(str(tmp_path))
     try:

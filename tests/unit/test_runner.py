@@ -9,6 +9,7 @@ import pytest
 from harmbench_ft import plugins
 from harmbench_ft.runner import Runner
 from harmbench_ft.spec import apply_overrides, preset
+from tests.conftest import fake_distribution
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,10 +84,7 @@ def test_seed_changes_the_run_and_reproduces_it(tmp_path, shared_data):
 def test_third_party_defense_runs_through_its_entry_point(tmp_path, shared_data, monkeypatch):
     example = REPO / "examples" / "hft-bench-example-defense"
     site = tmp_path / "site"
-    dist = site / "hft_bench_example_defense-0.1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hft-bench-example-defense\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text("[hft_bench]\nexample-l2-anchor = hft_bench_example_defense\n")
+    fake_distribution(site, "hft-bench-example-defense", "[hft_bench]\nexample-l2-anchor = hft_bench_example_defense\n")
     monkeypatch.syspath_prepend(str(example))
     monkeypatch.syspath_prepend(str(site))
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmbench_ft import Judge
-from hft_bench_plugins.judges.hub import load_or_explain, pick_device
+from hft_bench_plugins.judges.hub import load_judge_model
 
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -35,18 +35,7 @@ class BeaverDamJudge(Judge):
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            device = pick_device(self.device)
-
-            def load():
-                tokenizer = AutoTokenizer.from_pretrained(self.model_id, padding_side="right")
-                dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-                model = AutoModelForSequenceClassification.from_pretrained(self.model_id, dtype=dtype)
-                return model.to(device).eval(), tokenizer
-
-            model, tokenizer = load_or_explain(self.name, self.model_id, load)
+            model, tokenizer = load_judge_model(self.name, self.model_id, "AutoModelForSequenceClassification", "right", self.device)
             # The classifier pools the last non-pad token, which must be the EOS we append: pad must differ from EOS.
             if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
                 tokenizer.pad_token = tokenizer.unk_token

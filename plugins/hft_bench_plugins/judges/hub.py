@@ -25,6 +25,22 @@ def load_or_explain(judge: str, model_id: str, load: Callable[[], Any]) -> Any:
         ) from None
 
 
+def load_judge_model(judge: str, model_id: str, auto_class: str, padding_side: str, device: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a hub judge, in eval mode on `device` (bf16 on CUDA), or one clear error line."""
+    import torch
+    import transformers
+
+    device = pick_device(device)
+
+    def load():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_id, padding_side=padding_side)
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = getattr(transformers, auto_class).from_pretrained(model_id, dtype=dtype)
+        return model.to(device).eval(), tokenizer
+
+    return load_or_explain(judge, model_id, load)
+
+
 def pick_device(device: str | None) -> str:
     import torch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmbench_ft import Judge
-from hft_bench_plugins.judges.hub import load_or_explain, pick_device
+from hft_bench_plugins.judges.hub import load_judge_model
 
 
 def verdict_score(generated: str) -> float:
@@ -37,18 +37,7 @@ class LlamaGuardJudge(Judge):
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            device = pick_device(self.device)
-
-            def load():
-                tokenizer = AutoTokenizer.from_pretrained(self.model_id, padding_side="left")
-                dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-                model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=dtype)
-                return model.to(device).eval(), tokenizer
-
-            model, tokenizer = load_or_explain(self.name, self.model_id, load)
+            model, tokenizer = load_judge_model(self.name, self.model_id, "AutoModelForCausalLM", "left", self.device)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token  # left padding + attention mask: pad never read
             self._loaded = (model, tokenizer)
