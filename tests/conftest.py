@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from harmbench_ft import Example
 from harmbench_ft.data.formatting import collate, tokenize_example
@@ -69,6 +71,20 @@ def make_ctx(model, stage: Stage, streams: dict, step: int = 0, total_steps: int
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     source = source or ("alignment" if stage is Stage.ALIGNMENT else "user")
     return StepContext(model, [p for _, p in named], [n for n, _ in named], stage, step, total_steps, source, streams)
+
+
+def mean_response_ce(model, weights: dict, batches: list[dict]) -> torch.Tensor:
+    """Written from the definition: mean next-token CE over every response token of all batches."""
+    total, count = 0.0, 0
+    for b in batches:
+        logits = functional_call(model, weights, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = b["labels"][:, 1:]
+        mask = targets != -100
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total = total - (picked * mask).sum()
+        count += int(mask.sum())
+    return total / count
 
 
 def fake_distribution(site: Path, name: str, entry_points: str) -> None:

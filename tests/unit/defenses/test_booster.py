@@ -2,28 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 from harmbench_ft import Stage, UsageError
 from hft_bench_plugins.defenses.booster import Booster, Params
-from tests.conftest import ROWS, FixedStream, make_batches, make_ctx
+from tests.conftest import ROWS, FixedStream, make_batches, make_ctx, mean_response_ce
 
 ALIGNMENT, HARMFUL = ROWS[:4], ROWS[4:]  # disjoint rows, so h and f really differ
-
-
-def mean_response_ce(model, weights: dict, batches: list[dict]) -> torch.Tensor:
-    """Written from the definition: mean next-token CE over every response token of all batches."""
-    total, count = 0.0, 0
-    for b in batches:
-        logits = functional_call(model, weights, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = b["labels"][:, 1:]
-        mask = targets != -100
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total = total - (picked * mask).sum()
-        count += int(mask.sum())
-    return total / count
 
 
 def reference_update(model, align: list[dict], harmful: list[dict], lamb: float, alpha: float) -> list[torch.Tensor]:

@@ -2,28 +2,13 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.func import functional_call
 
 from harmbench_ft import PostContext, Stage, UsageError
 from hft_bench_plugins.defenses.panacea import EPSILON_FILE, Panacea, Params
-from tests.conftest import ROWS, FixedStream, make_batches, make_ctx, tiny_peft_model
+from tests.conftest import ROWS, FixedStream, make_batches, make_ctx, mean_response_ce, tiny_peft_model
 
 USER, HARMFUL = ROWS[:4], ROWS[4:]  # disjoint rows, so g and h really differ
-
-
-def mean_response_ce(model, weights: dict, batches: list[dict]) -> torch.Tensor:
-    """Written from the definition: mean next-token CE over every response token of all batches."""
-    total, count = 0.0, 0
-    for b in batches:
-        logits = functional_call(model, weights, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = b["labels"][:, 1:]
-        mask = targets != -100
-        total = total - (logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum()
-        count += int(mask.sum())
-    return total / count
 
 
 def trainable(model) -> dict:
