@@ -31,7 +31,7 @@ from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
 from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, load_adapter, load_base, merge_adapter, trainable_parameters
 from harmbench_ft.plugins import emit, get_registry
 from harmbench_ft.spec import RunSpec, stable_hash, validate
-from harmbench_ft.training.batches import BatchStream, steps_for
+from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
 from harmbench_ft.training.loop import train
 
 ARTIFACT_FILE = "artifact.json"  # written last: an artifact folder without it is not an artifact
@@ -214,7 +214,9 @@ class Runner:
     def _streams(self, spec: RunSpec, defense: Defense, data: RunData, stage: Stage, tokenizer, sources: set[str]) -> dict[str, BatchStream]:
         train_cfg = spec.alignment.train if stage is Stage.ALIGNMENT else spec.finetune
         seed = spec.seed * 1000 + (1 if stage is Stage.ALIGNMENT else 2)
-        return {s: BatchStream(getattr(data, s), tokenizer, train_cfg, seed) for s in sorted(sources)}
+        streams = {s: BatchStream(getattr(data, s), tokenizer, train_cfg, seed) for s in sorted(sources)}
+        pair_streams(list(streams.values()))
+        return streams
 
     def _train_with(self, spec: RunSpec, defense: Defense, data: RunData, stage: Stage, model, tokenizer, out: Path) -> dict[str, Any]:
         train_cfg = spec.alignment.train if stage is Stage.ALIGNMENT else spec.finetune
@@ -229,7 +231,7 @@ class Runner:
         step_fn = defense.step if acts else Defense.step.__get__(defense)
         stats = train(model, step_fn, schedule, streams, train_cfg, stage, description=f"{stage.value} ({defense.name if acts else 'sft'})")
         model.save_pretrained(out, safe_serialization=True)
-        return {"steps": stats.steps, "train_seconds": round(stats.seconds, 2), "seconds_per_step": round(stats.seconds_per_step, 4), "first_loss": stats.first_loss, "last_loss": stats.last_loss, "rows_seen": {s: st.rows_served for s, st in streams.items()}}
+        return {"steps": stats.steps, "train_seconds": round(stats.seconds, 2), "seconds_per_step": round(stats.seconds_per_step, 4), "first_loss": stats.first_loss, "last_loss": stats.last_loss, "step_metrics": stats.metrics, "rows_seen": {s: st.rows_served for s, st in streams.items()}}
 
     def _train_alignment(self, spec: RunSpec, defense: Defense, data: RunData, out: Path) -> dict[str, Any]:
         model, tokenizer = load_base(spec.model)
