@@ -28,6 +28,7 @@ class TrainStats:
     seconds_per_step: float
     first_loss: float
     last_loss: float
+    metrics: dict[str, float]  # the mean over steps of each number the defense's steps reported
 
 
 def progress_bar() -> Progress:
@@ -57,6 +58,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)  # constant lr, as the reference scripts
     model.train()
     losses: list[float] = []
+    metric_sums: dict[str, float] = {}
     start = time.perf_counter()
     with progress_bar() as progress:
         bar = progress.add_task(description, total=len(schedule), loss=float("nan"), rate=0.0)
@@ -71,6 +73,8 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(result.loss)
+            for key, value in result.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
             elapsed = time.perf_counter() - start
             progress.update(bar, advance=1, loss=result.loss, rate=(step + 1) / elapsed)
             if not progress.console.is_terminal and (step + 1) % max(1, len(schedule) // 10) == 0:
@@ -78,4 +82,5 @@ def train(
                 progress.console.print(f"{description}: step {step + 1}/{len(schedule)} loss {result.loss:.4f} {(step + 1) / elapsed:.2f} steps/s")
     model.eval()
     seconds = time.perf_counter() - start
-    return TrainStats(len(schedule), seconds, seconds / max(len(schedule), 1), losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+    metrics = {key: total / len(schedule) for key, total in metric_sums.items()}
+    return TrainStats(len(schedule), seconds, seconds / max(len(schedule), 1), losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), metrics)

@@ -137,6 +137,9 @@ def test_real_loop_over_the_schedule_uses_every_user_row_once(tiny):
     assert user.rows_served == len(ROWS)  # one epoch: exactly n rows ...
     assert user.order == []  # ... and the epoch's permutation is used up: each row served once
     assert alignment.rows_served == 2 * cfg.batch_size
+    # the loop records the mean of what the steps reported: the proximal term, zero until the first switch
+    # and during the warm-up (none here: 10% of 6 steps rounds to step 0 only), positive afterwards
+    assert stats.metrics["proximal"] > 0.0
 
 
 def test_bad_parameters_are_usage_errors_naming_the_parameter():
