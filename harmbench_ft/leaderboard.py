@@ -4,7 +4,7 @@ A protocol is everything in a spec except the defense, the poison ratio and the 
 task, the judges and the preset are part of it). Per protocol: a markdown file (rows defenses, columns
 HS and FA per poison ratio plus their averages, mean ± std over seeds, the protocol's settings, each
 defense's cost), its CSV twin, and a PNG plot of HS and FA against the poison ratio. An index
-``README.md`` links them.
+``README.md`` links them, and ``results/`` keeps a copy of every record tabulated.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from harmbench_ft.results import iter_results, write_atomic
+from harmbench_ft.results import RESULT_FILE, iter_results, write_atomic, write_json
 from harmbench_ft.spec import stable_hash
 
+RECORDS_DIR = "results"  # under the leaderboard folder: the result records the tables were rendered from
 METRICS = {"HS": "harmful_score", "HS+": "harmful_score_plus", "FA": "finetune_accuracy"}
 
 
@@ -53,6 +54,7 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
                 "ratio": spec["attack"]["ratio"],
                 "seed": spec["seed"],
                 **{short: record["metrics"].get(name) for short, name in METRICS.items()},
+                **{f"HS/{j}": record["metrics"].get(f"harmful_score/{j}") for j in spec["evaluation"]["judges"]},
                 "alignment_s": stages.get("alignment", {}).get("train_seconds"),
                 "finetune_s": stages.get("finetune", {}).get("train_seconds"),
                 "finetune_s_per_step": stages.get("finetune", {}).get("seconds_per_step"),
@@ -109,7 +111,8 @@ def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     for row in _ordered(df["row"]):
         sub = df[df["row"] == row]
         # the average over ratios is taken per seed first, so its ± is a spread over seeds
-        per_seed = sub.groupby("seed")[["HS", "HS+", "FA"]].mean()
+        judge_cols = [c for c in df.columns if c.startswith("HS/") and c != f"HS/{df['judge'].iloc[0]}"]
+        per_seed = sub.groupby("seed")[["HS", "HS+", "FA", *judge_cols]].mean()
         cells = [row]
         cells += [_cell(sub[sub["ratio"] == r]["HS"]) for r in ratios] + [_cell(per_seed["HS"])]
         cells += [_cell(sub[sub["ratio"] == r]["FA"]) for r in ratios] + [_cell(per_seed["FA"])]
@@ -122,9 +125,22 @@ def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             csv_rows.append({
                 "defense": row, "ratio": ratio,
                 "HS_mean": at["HS"].mean(), "HS_std": at["HS"].std(ddof=1), "FA_mean": at["FA"].mean(), "FA_std": at["FA"].std(ddof=1),
-                "HS+_mean": at["HS+"].mean(), "n_seeds": at["seed"].nunique(), **costs,
+                "HS+_mean": at["HS+"].mean(), **{f"{c}_mean": at[c].mean() for c in judge_cols}, "n_seeds": at["seed"].nunique(), **costs,
             })
     return "\n".join(lines), pd.DataFrame(csv_rows)
+
+
+def judge_table(df: pd.DataFrame, judge: str) -> str:
+    """HS of one more judge per poison ratio (a protocol's runs are all judged by every judge it names)."""
+    df = df.assign(row=_row_labels(df))
+    ratios = sorted(df["ratio"].unique())
+    column = f"HS/{judge}"
+    lines = ["| Defense | " + " | ".join(f"HS p={r:g}" for r in ratios) + " | HS avg |", "|" + "---|" * (len(ratios) + 2)]
+    for row in _ordered(df["row"]):
+        sub = df[df["row"] == row]
+        cells = [_cell(sub[sub["ratio"] == r][column]) for r in ratios] + [_cell(sub.groupby("seed")[column].mean())]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cost_table(df: pd.DataFrame) -> str:
@@ -222,7 +238,8 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
             f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
             f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
             f"![HS and FA against the poison ratio]({stem}.png)\n\n"
-            f"## Defenses\n\n{defenses}\n\n"
+            + "".join(f"## HS by judge `{j}`\n\n{judge_table(sub, j)}\n\n" for j in proto["evaluation"]["judges"][1:])
+            + f"## Defenses\n\n{defenses}\n\n"
             f"## Cost\n\nTraining seconds of each stage (mean over runs; a shared alignment counts for every defense that uses it) "
             f"and seconds per optimizer step relative to SFT.\n\n{cost_table(sub)}\n\n"
             f"## Protocol `{proto_id}`\n\n<details><summary>every setting</summary>\n\n{settings}\n\n</details>\n"
@@ -236,7 +253,25 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
         index.append(f"- [{title}]({stem}.md) ([csv]({stem}.csv), [plot]({stem}.png)): {sub['defense'].nunique()} defenses, p ∈ {{{ratios}}}, {sub['seed'].nunique()} seed(s), judge {first['judge']}")
     readme = out_dir / "README.md"
     write_atomic(readme, "\n".join(index) + "\n")
-    return written + [readme]
+    return written + [readme] + _keep_records(Path(runs_dir), out_dir / RECORDS_DIR)
+
+
+def _keep_records(runs_dir: Path, records_dir: Path) -> list[Path]:
+    """Copy every tabulated result.json to ``<out>/results/<run_id>/result.json`` (the runs/ layout).
+
+    runs/ holds gigabytes of adapters and is never committed; the records are small, so the tables
+    can be committed with what they were rendered from: ``hft-bench leaderboard --runs-dir
+    leaderboards/results`` renders them again, and copying the folders into a fresh runs/ lets a grid
+    resume with those runs done.
+    """
+    if records_dir.resolve() == runs_dir.resolve():
+        return []
+    written = []
+    for record in iter_results(runs_dir):
+        path = records_dir / record["run_id"] / RESULT_FILE
+        write_json(path, record)
+        written.append(path)
+    return written
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

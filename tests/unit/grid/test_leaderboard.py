@@ -93,3 +93,30 @@ def test_the_same_defense_with_different_arguments_gets_separate_rows(tmp_path):
     write_leaderboards(runs, tmp_path / "lb")
     md = next(p for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md").read_text()
     assert "| booster (lamb=5.0) | 10.0 |" in md and "| booster (lamb=20.0) | 50.0 |" in md
+
+
+def test_records_are_kept_beside_the_tables_and_render_the_same_tables(runs, tmp_path):
+    write_leaderboards(runs, tmp_path / "lb")
+    kept = sorted(p.parent.name for p in (tmp_path / "lb" / "results").glob("*/result.json"))
+    finished = sorted(r["run_id"] for r in results.iter_results(runs))
+    assert kept == finished and len(kept) == 9  # the failed record is not kept
+    first = {p.name: p.read_text() for p in (tmp_path / "lb").glob("*.md")}
+    write_leaderboards(tmp_path / "lb" / "results", tmp_path / "again")  # from the committed records alone
+    assert {p.name: p.read_text() for p in (tmp_path / "again").glob("*.md")} == first
+
+
+def test_every_further_judge_gets_its_own_hs_table_and_csv_column(tmp_path):
+    runs = tmp_path / "runs"
+    for ratio, seed, kw, clf in [(0.0, 0, 80.0, 20.0), (0.0, 1, 70.0, 10.0), (0.1, 0, 90.0, 60.0)]:
+        rec = record("sft", ratio, seed, kw)
+        rec["spec"]["evaluation"]["judges"] = ["keyword", "keyword+harm-clf"]
+        rec["metrics"].update({"harmful_score/keyword": kw, "harmful_score/keyword+harm-clf": clf})
+        rec["run_id"] += f"-{seed}-{ratio}"
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    md = next(p for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md").read_text()
+    table = md.split("## HS by judge `keyword+harm-clf`")[1]
+    # p=0: mean 15 ± 7.1 over the two seeds; avg over ratios per seed: seed 0 (20+60)/2=40, seed 1 10
+    assert "| sft | 15.0 ± 7.1 | 60.0 | 25.0 ± 21.2 |" in table
+    csv = pd.read_csv(next((tmp_path / "lb").glob("*.csv")), dtype={"ratio": str}).set_index("ratio")
+    assert csv.loc["0.1", "HS/keyword+harm-clf_mean"] == 60.0 and csv.loc["0", "HS_mean"] == 75.0
