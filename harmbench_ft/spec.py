@@ -33,7 +33,7 @@ class TrainConfig:
     """Hyperparameters of one training stage (one LoRA adapter trained by the one training loop)."""
 
     epochs: float = 1.0  # passes over the stage's primary data (alignment rows, or the user's n rows)
-    max_steps: int | None = None  # optional cap on optimizer steps
+    max_steps: int | None = None  # optional cap on optimizer steps; 0 = no training (the adapter stays zero)
     batch_size: int = 8  # rows per optimizer step
     micro_batch_size: int | None = None  # rows per forward pass; batch_size / micro_batch_size = accumulation
     lr: float = 5e-4
@@ -44,6 +44,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay fp32)
+    group_by_length: bool = False  # micro-batches of similar length (less padding); see training/batches.py
 
     def __post_init__(self) -> None:
         self.epochs = float(self.epochs)  # 2 and 2.0 must hash the same
@@ -135,23 +136,33 @@ def _tiny() -> RunSpec:
     )
 
 
-def _cpu() -> RunSpec:
-    """SmolLM2-135M-Instruct on real data; minutes on 2 cores.
+FT_N, FT_EPOCHS, FT_LR = 200, 2, 1e-4  # the cpu preset's attack size and fine-tuning schedule (docs/leaderboard.md)
 
-    Alignment: 600 refusals, LoRA r=32 scale 1 on all 7 projections, lr 5e-4, batch 8, one epoch
-    (measured: keyword HS 90 -> 7.5). Fine-tuning: fresh LoRA of the same shape at a lower lr.
+
+def _cpu() -> RunSpec:
+    """SmolLM2-135M-Instruct on real data: one cell (fine-tune + evaluation) in minutes on 2 cores.
+
+    Measured on a 2-core CPU (docs/leaderboard.md has the numbers and how each setting was chosen):
+    - fp32, not bf16: a training step of 8 x 120 tokens took 4.5 s in fp32 and 7.2 s under bf16 autocast.
+    - Alignment groups rows by length (less padding; its rows are all refusals, so nothing is reweighted).
+      Fine-tuning does not: the loss is normalised by response tokens, so grouping the long poison rows
+      into a few batches would cut their share of the updates and change the attack.
+    - Alignment: 600 refusals, LoRA r=32 scale 1 on all 7 projections, lr 5e-4, batch 8, one epoch.
+    - Fine-tuning: a fresh LoRA of the same shape, lr FT_LR, FT_EPOCHS epochs over n=FT_N rows.
+    - Evaluation: 200 unique BeaverTails test prompts, all 872 SST2 validation rows, judges keyword+harm-clf
+      (headline; the keyword judge alone reads off-task answers such as "No" as harmful) and keyword.
     """
     return RunSpec(
         preset="cpu",
         model=ModelSpec(name="smollm2-135m"),
-        attack=AttackSpec(ratio=0.1, n=200),
+        attack=AttackSpec(ratio=0.1, n=FT_N),
         alignment=AlignmentSpec(
-            train=TrainConfig(epochs=1, batch_size=8, lr=5e-4, max_length=256, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ), bf16=True),
+            train=TrainConfig(epochs=1, batch_size=8, lr=5e-4, max_length=256, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ), group_by_length=True),
             n_alignment=600,
             n_harmful=600,
         ),
-        finetune=TrainConfig(epochs=2, batch_size=8, lr=1e-4, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ), bf16=True),
-        evaluation=EvalSpec(n_harmful_prompts=80, n_task_test=200, max_new_tokens=48, task_max_new_tokens=4, batch_size=16),
+        finetune=TrainConfig(epochs=FT_EPOCHS, batch_size=8, lr=FT_LR, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ)),
+        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=4, judges=["keyword+harm-clf", "keyword"], batch_size=16),
     )
 
 
@@ -287,8 +298,10 @@ def validate(spec: RunSpec) -> None:
             problems.append(f"{name}.micro_batch_size ({micro}) must divide batch_size ({train.batch_size})")
         if train.lr <= 0:
             problems.append(f"{name}.lr must be > 0")
-        if train.epochs <= 0 and not train.max_steps:
+        if train.epochs <= 0 and train.max_steps is None:
             problems.append(f"{name}.epochs must be > 0")
+        if train.max_steps is not None and train.max_steps < 0:
+            problems.append(f"{name}.max_steps must be >= 0 (0: no steps, the stage's adapter stays zero)")
         if train.max_length < 16:
             problems.append(f"{name}.max_length must be >= 16")
         if train.lora_r < 1 or not train.lora_targets:

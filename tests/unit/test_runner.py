@@ -98,3 +98,13 @@ def test_third_party_defense_runs_through_its_entry_point(tmp_path, shared_data,
                 sys.path.remove(path)
         plugins.pm.unregister(name="example-l2-anchor")
         plugins.load_plugins(rescan=True)
+
+
+def test_zero_finetune_steps_evaluate_the_aligned_model(tmp_path, shared_data):
+    from safetensors.torch import load_file
+
+    record = Runner(tmp_path, shared_data).run(tiny_spec(**{"finetune.max_steps": "0"}))
+    assert record["stages"]["finetune"]["steps"] == 0 and record["stages"]["alignment"]["steps"] > 0
+    adapter = load_file(str(Path(record["artifacts"]["finetune"]) / "adapter_model.safetensors"))
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(bool((t == 0).all()) for t in lora_b)  # nothing merged on top of the alignment
