@@ -40,16 +40,19 @@ STAGES = ("alignment", "finetune", "post_finetune", "evaluation")
 
 
 def resolve(spec: RunSpec) -> tuple[RunSpec, Defense]:
-    """Validate the spec and fill the defense's arguments with its defaults (so the hash is canonical)."""
+    """Validate the spec and fill in what it leaves to a plugin (the defense's default arguments, the
+    task's answer budget), so the hash is canonical."""
     validate(spec)
     registry = get_registry()
     defense_cls = registry.get("defenses", spec.defense.name)
     params = defense_cls.make_params(spec.defense.args)
-    registry.get("tasks", spec.attack.task)
+    task = registry.get("tasks", spec.attack.task)
     for judge in spec.evaluation.judges:
         registry.get("judges", judge)
     registry.get("backends", spec.evaluation.backend)
     resolved = dataclasses.replace(spec, defense=dataclasses.replace(spec.defense, args=dataclasses.asdict(params)))
+    if spec.evaluation.task_max_new_tokens is None:  # the task's own budget, written into the spec (and its hash)
+        resolved = dataclasses.replace(resolved, evaluation=dataclasses.replace(spec.evaluation, task_max_new_tokens=task.max_new_tokens))
     return resolved, defense_cls(params)
 
 

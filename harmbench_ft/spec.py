@@ -75,9 +75,9 @@ class AttackSpec:
 class EvalSpec:
     harmful_prompts: str = "beavertails-330k-test"  # prompt set of the harmful score
     n_harmful_prompts: int = 100  # unique prompts
-    n_task_test: int = 200  # rows of the task's test set (None-like 0 means all)
+    n_task_test: int = 200  # rows of the task's test set; 0: the protocol's (Task.test_size: SST2 all 872, AGNews/GSM8K first 1000)
     max_new_tokens: int = 64  # for harmful prompts
-    task_max_new_tokens: int = 8
+    task_max_new_tokens: int | None = 8  # None: the task's own answer budget (Task.max_new_tokens)
     judges: list[str] = field(default_factory=lambda: ["keyword"])
     backend: str = "hf"
     batch_size: int = 16
@@ -162,7 +162,7 @@ def _cpu() -> RunSpec:
             n_harmful=600,
         ),
         finetune=TrainConfig(epochs=FT_EPOCHS, batch_size=8, lr=FT_LR, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ)),
-        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=4, judges=["keyword+harm-clf", "keyword"], batch_size=16),
+        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=None, judges=["keyword+harm-clf", "keyword"], batch_size=16),
     )
 
 
@@ -308,6 +308,8 @@ def validate(spec: RunSpec) -> None:
             problems.append(f"{name}: LoRA needs lora_r >= 1 and at least one target module")
     if spec.alignment.n_alignment < 1:
         problems.append("alignment.n_alignment must be >= 1")
+    if spec.evaluation.task_max_new_tokens is not None and spec.evaluation.task_max_new_tokens < 1:
+        problems.append("evaluation.task_max_new_tokens must be >= 1, or none for the task's own budget")
     if spec.evaluation.n_harmful_prompts < 1:
         problems.append("evaluation.n_harmful_prompts must be >= 1")
     if not spec.evaluation.judges:

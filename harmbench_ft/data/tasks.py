@@ -17,6 +17,8 @@ class Task:
     train_source: ClassVar[str]  # dataset name in harmbench_ft.data.sources.DATASETS
     test_source: ClassVar[str]
     scored: ClassVar[bool] = True  # False for generation-only tasks (alpaca): no fine-tune accuracy
+    max_new_tokens: ClassVar[int] = 200  # answer budget when evaluation.task_max_new_tokens is None (protocol.md: up to 200)
+    test_size: ClassVar[int | None] = None  # the protocol's test rows when evaluation.n_task_test is 0 (None: all)
 
     def example(self, row: dict) -> Example:
         """The row as an (instruction, input, output) example; output is the reference answer."""

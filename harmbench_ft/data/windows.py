@@ -100,8 +100,9 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
     benign = [task.example(benign_rows[i]) for i in order[:n_benign]]
 
     test_rows = load_rows(task.test_source, data_dir)
-    if ev.n_task_test:
-        test_rows = test_rows[: ev.n_task_test]
+    test_size = ev.n_task_test or task.test_size
+    if test_size:
+        test_rows = test_rows[:test_size]
     task_test = [(task.example(r), r) for r in test_rows]
 
     data = RunData(alignment, harmful, harmful_refusals, benign + poison, n_poison, hs_prompts, task_test)

@@ -44,3 +44,20 @@ def test_unknown_preset_lists_the_choices():
 def test_known_paths_cover_nested_fields():
     paths = known_paths()
     assert "alignment.train.lr" in paths and "evaluation.judges" in paths and "seed" in paths
+
+
+def test_a_task_max_new_tokens_of_none_resolves_to_the_tasks_budget():
+    from harmbench_ft.runner import resolve
+
+    budgets = {}
+    for task in ("sst2", "agnews", "gsm8k"):
+        spec, _ = resolve(apply_overrides(preset("cpu"), {"attack.task": task}))
+        budgets[task] = spec.evaluation.task_max_new_tokens
+    assert budgets == {"sst2": 4, "agnews": 8, "gsm8k": 200}
+    explicit, _ = resolve(apply_overrides(preset("cpu"), {"attack.task": "gsm8k", "evaluation.task_max_new_tokens": "64"}))
+    assert explicit.evaluation.task_max_new_tokens == 64
+    # resolving writes the budget into the spec, so "none" and the task's number are the same run
+    same, _ = resolve(apply_overrides(preset("cpu"), {"evaluation.task_max_new_tokens": "4"}))
+    assert same.content_hash() == resolve(preset("cpu"))[0].content_hash()
+    with pytest.raises(UsageError, match="task_max_new_tokens"):
+        validate(apply_overrides(preset("cpu"), {"evaluation.task_max_new_tokens": "0"}))

@@ -56,3 +56,10 @@ def test_missing_mirror_file_says_which_dataset_where_and_how_to_fix(tmp_path):
         load_rows("sst2-train", tmp_path)
     message = str(err.value)
     assert "sst2-train" in message and str(tmp_path / "stanfordnlp" / "sst2" / "train.jsonl") in message and "--data-dir" in message
+
+
+@pytest.mark.parametrize("task, expected", [("sst2", 872), ("agnews", 1000), ("gsm8k", 1000)])
+def test_n_task_test_zero_takes_the_protocols_test_rows(shared_data, task, expected):
+    """protocol.md: SST2 all 872 validation rows; AG News and GSM8K the first 1000 test rows."""
+    assert len(data_for(shared_data, **{"attack.task": task, "evaluation.n_task_test": 0}).task_test) == expected
+    assert len(data_for(shared_data, **{"attack.task": task, "evaluation.n_task_test": 7}).task_test) == 7

@@ -15,6 +15,7 @@ class SST2(Task):
     name = "sst2"
     train_source = "sst2-train"
     test_source = "sst2-validation"
+    max_new_tokens = 4  # "positive" / "negative" and EOS; scoring strips the response and needs nothing after it
 
     def example(self, row: dict) -> Example:
         return Example(SST2_INSTRUCTION, row["sentence"].strip(), "positive" if row["label"] == 1 else "negative")
@@ -29,6 +30,8 @@ class AGNews(Task):
     name = "agnews"
     train_source = "agnews-train"
     test_source = "agnews-test"
+    max_new_tokens = 8  # the longest label, "Sci/Tech", and EOS
+    test_size = 1000  # protocol.md: the first 1000 test rows
 
     def example(self, row: dict) -> Example:
         return Example(AGNEWS_INSTRUCTION, row["text"].strip(), AGNEWS_LABELS[row["label"]])
@@ -61,6 +64,8 @@ class GSM8K(Task):
     name = "gsm8k"
     train_source = "gsm8k-train"
     test_source = "gsm8k-test"
+    max_new_tokens = 200  # protocol.md: up to 200 new tokens (a worked solution, then "The final answer is: N")
+    test_size = 1000  # protocol.md: the first 1000 test rows
 
     def example(self, row: dict) -> Example:
         return Example(row["question"], "", row["answer"].replace("####", "The final answer is:"))
