@@ -47,7 +47,7 @@ def evaluate(served: ServedModel, data: RunData, task: Task, judges: list[Judge]
             metrics["harmful_score"], metrics["harmful_score_plus"] = hs, hs_plus
 
     task_prompts = [e.prompt for e, _ in data.task_test]
-    task_responses = backend.generate(served, task_prompts, ev.task_max_new_tokens, ev.batch_size)
+    task_responses = backend.generate(served, task_prompts, ev.task_max_new_tokens or task.max_new_tokens, ev.batch_size)
     verdicts = []
     for i, ((example, row), prompt, response) in enumerate(zip(data.task_test, task_prompts, task_responses)):
         correct = task.score(response, row) if task.scored else None
