@@ -87,6 +87,9 @@ def print_result(record: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     table.add_row(f"harmful score (HS, judge {judge})", f"{m['harmful_score']:.1f}")
     table.add_row("HS+ (flagged or incoherent)", f"{m['harmful_score_plus']:.1f}")
+    for other in record["stages"]["evaluation"]["judges"][1:]:  # every further judge: its own HS and HS+
+        name = other["id"]
+        table.add_row(f"HS, judge {name} (HS+)", f"{m[f'harmful_score/{name}']:.1f} ({m[f'harmful_score_plus/{name}']:.1f})")
     if "finetune_accuracy" in m:
         table.add_row(f"fine-tune accuracy (FA, {spec['attack']['task']})", f"{m['finetune_accuracy']:.1f}")
     for stage, info in record["stages"].items():

@@ -53,3 +53,19 @@ def test_leaderboard_from_results(tmp_path, shared_data):
     assert "| sft |" in md and "HS p=0" in md and "FA p=0.2" in md and "keyword" in md
     csv = next((tmp_path / "lb").glob("tiny-*.csv")).read_text().splitlines()
     assert csv[0].startswith("defense,ratio,HS_mean") and len(csv) == 4  # p=0, p=0.2 and their average
+
+
+def test_the_run_summary_shows_every_judges_hs(capsys):
+    from harmbench_ft.cli import print_result
+
+    record = {
+        "run_id": "r",
+        "spec": {"defense": {"name": "sft"}, "attack": {"task": "sst2", "ratio": 0.1, "n": 200}, "model": {"name": "smollm2-135m"}},
+        "metrics": {"harmful_score": 30.0, "harmful_score_plus": 31.0, "harmful_score/keyword": 49.0, "harmful_score_plus/keyword": 50.5, "finetune_accuracy": 85.2},
+        "stages": {"evaluation": {"seconds": 1.0, "judges": [{"id": "keyword+harm-clf"}, {"id": "keyword"}]}},
+        "artifacts": {"final": "/runs/artifacts/finetune/k"},
+    }
+    print_result(record)
+    out = capsys.readouterr().out
+    assert "judge keyword+harm-clf" in out and "30.0" in out
+    assert "HS, judge keyword (HS+)" in out and "49.0 (50.5)" in out
