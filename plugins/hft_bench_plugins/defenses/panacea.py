@@ -64,7 +64,8 @@ class Panacea(Defense):
 
         loss, gg = loss_gradient(ctx.model, ctx.params, batches)
         h, gh = loss_gradient(ctx.model, ctx.params, harmful)
-        eps = [rho * g / (global_norm(gh) + 1e-7) for g in gh]  # +1e-7: a zero gradient gives ε = 0, not NaN
+        norm = global_norm(gh) + 1e-7  # once: +1e-7 so that a zero gradient gives ε = 0, not NaN
+        eps = [rho * g / norm for g in gh]
 
         # min(h, clamp) is flat above the clamp, so its gradient there is zero (torch.clamp keeps it at equality).
         with perturbed(ctx.params, eps):
