@@ -92,11 +92,16 @@ def _cell(values: pd.Series) -> str:
 
 
 def _cost(df: pd.DataFrame) -> pd.DataFrame:
-    """Per row label: mean alignment/fine-tuning training seconds and seconds per step as a ratio to SFT."""
+    """Per row label: mean alignment/fine-tuning training seconds, and seconds per step as a ratio to SFT.
+
+    The ratio is taken against SFT at the same poison ratio and seed, then averaged: a fine-tuning step
+    costs more at higher p (harmful rows are longer), so comparing across ratios would mislead.
+    """
     agg = df.groupby("row")[["alignment_s", "finetune_s", "alignment_s_per_step", "finetune_s_per_step"]].mean()
-    base = agg.loc["sft"] if "sft" in agg.index else None
+    sft = df[df["row"] == "sft"].groupby(["ratio", "seed"])[["alignment_s_per_step", "finetune_s_per_step"]].mean()
     for col in ("alignment", "finetune"):
-        agg[f"{col}_step_x_sft"] = agg[f"{col}_s_per_step"] / base[f"{col}_s_per_step"] if base is not None and base[f"{col}_s_per_step"] else float("nan")
+        base = df.join(sft[f"{col}_s_per_step"].rename("base"), on=["ratio", "seed"])["base"]
+        agg[f"{col}_step_x_sft"] = (df[f"{col}_s_per_step"] / base.where(base > 0)).groupby(df["row"]).mean()
     return agg
 
 
