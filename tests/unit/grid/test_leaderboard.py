@@ -124,11 +124,11 @@ def test_every_further_judge_gets_its_own_hs_table_and_csv_column(tmp_path):
 
 def test_cost_ratio_compares_with_sft_at_the_same_poison_ratio(tmp_path):
     runs = tmp_path / "runs"
-    for defense, ratio, ft_step in [("sft", 0.0, 1.0), ("sft", 0.2, 3.0), ("lisa", 0.2, 3.0)]:
+    for defense, ratio, ft_step in [("sft", 0.0, 1.0), ("sft", 0.2, 3.0), ("booster", 0.2, 3.0)]:
         rec = record(defense, ratio, 0, 10.0)
         rec["stages"]["finetune"]["seconds_per_step"] = ft_step
         results.write_json(runs / rec["run_id"] / "result.json", rec)
     write_leaderboards(runs, tmp_path / "lb")
     md = next(p for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md").read_text()
-    lisa_cost = [line for line in md.split("## Cost")[1].splitlines() if line.startswith("| lisa |")][0]
-    assert lisa_cost.endswith("| 3.000 (1.00×) |")  # not 3.0 / mean(1.0, 3.0) = 1.50×
+    booster_cost = [line for line in md.split("## Cost")[1].splitlines() if line.startswith("| booster |")][0]
+    assert booster_cost.endswith("| 3.000 (1.00×) |")  # not 3.0 / mean(1.0, 3.0) = 1.50×
