@@ -113,10 +113,10 @@ def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     header = ["Defense"] + [f"HS p={r:g}" for r in ratios] + ["HS avg"] + [f"FA p={r:g}" for r in ratios] + ["FA avg", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
+    judge_cols = [c for c in df.columns if c.startswith("HS/") and c != f"HS/{df['judge'].iloc[0]}"]  # further judges
     for row in _ordered(df["row"]):
         sub = df[df["row"] == row]
         # the average over ratios is taken per seed first, so its ± is a spread over seeds
-        judge_cols = [c for c in df.columns if c.startswith("HS/") and c != f"HS/{df['judge'].iloc[0]}"]
         per_seed = sub.groupby("seed")[["HS", "HS+", "FA", *judge_cols]].mean()
         cells = [row]
         cells += [_cell(sub[sub["ratio"] == r]["HS"]) for r in ratios] + [_cell(per_seed["HS"])]
