@@ -216,6 +216,25 @@ def _protocol_summary(proto: dict[str, Any], judge_desc: str, judge: str) -> str
     )
 
 
+def _title(row: pd.Series) -> str:
+    return f"{row['task']} · {row['model']} · preset {row['preset']}"
+
+
+def _differences(proto_id: str, titles: dict[str, str], df: pd.DataFrame) -> str:
+    """The settings that set this protocol apart from the others of the same title (e.g. ` · finetune.lr=0.0002`).
+
+    Two tables called "sst2 · smollm2-135m · preset cpu" (say, before and after a preset was retuned)
+    would otherwise be told apart only by their hash.
+    """
+    twins = [pid for pid, t in titles.items() if t == titles[proto_id]]
+    if len(twins) < 2:
+        return ""
+    flat = {pid: _flatten(df[df["protocol"] == pid].iloc[0]["_proto"]) for pid in twins}
+    keys = sorted({k for f in flat.values() for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat.values()}) > 1]
+    return "".join(f" · {k}={flat[proto_id].get(k)}" for k in differing)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9._-]+", "-", text).strip("-").lower()
 
@@ -228,10 +247,11 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     index = ["# Leaderboards", "", "Rendered by `hft-bench leaderboard` from stored result records only; one table per protocol (model, task, judge, preset and every other setting).", ""]
+    titles = {pid: _title(sub.iloc[0]) for pid, sub in df.groupby("protocol")}
     for proto_id, sub in df.groupby("protocol"):
         first = sub.iloc[0]
         stem = _slug(f"{first['preset']}-{first['model'].split('/')[-1]}-{first['task']}-{first['judge']}-{proto_id}")
-        title = f"{first['task']} · {first['model']} · preset {first['preset']}"
+        title = _title(first) + _differences(proto_id, titles, df)
         table, csv = protocol_table(sub)
         proto = first["_proto"]
         settings = "\n".join(f"- `{k}`: `{v}`" for k, v in _flatten(proto).items())

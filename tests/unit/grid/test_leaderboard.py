@@ -1,6 +1,7 @@
 """Leaderboards from result records: one file set per protocol, mean ± std over seeds, cost, CSV twin, PNG."""
 
 import io
+import json
 
 import pandas as pd
 import pytest
@@ -132,3 +133,22 @@ def test_cost_ratio_compares_with_sft_at_the_same_poison_ratio(tmp_path):
     md = next(p for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md").read_text()
     booster_cost = [line for line in md.split("## Cost")[1].splitlines() if line.startswith("| booster |")][0]
     assert booster_cost.endswith("| 3.000 (1.00×) |")  # not 3.0 / mean(1.0, 3.0) = 1.50×
+
+
+def test_protocols_with_the_same_title_are_told_apart_by_the_settings_that_differ(tmp_path):
+    runs = tmp_path / "runs"
+    for lr in (1e-3, 2e-3):
+        spec = apply_overrides(preset("tiny"), {"finetune.lr": lr})
+        rec = record("sft", 0.0, 0, 10.0)
+        rec["spec"], rec["run_id"] = spec.to_dict(), spec.run_id()
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    index = (tmp_path / "lb" / "README.md").read_text()
+    assert "preset tiny · finetune.lr=0.001](" in index and "preset tiny · finetune.lr=0.002](" in index
+    titles = sorted(p.read_text().splitlines()[0] for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md")
+    assert titles == ["# sst2 · tiny-llama · preset tiny · finetune.lr=0.001", "# sst2 · tiny-llama · preset tiny · finetune.lr=0.002"]
+    lone = next((tmp_path / "lb" / "results").iterdir())  # a protocol alone keeps the plain title
+    only = tmp_path / "only"
+    results.write_json(only / lone.name / "result.json", json.loads((lone / "result.json").read_text()))
+    write_leaderboards(only, tmp_path / "lb2")
+    assert "- [sst2 · tiny-llama · preset tiny](" in (tmp_path / "lb2" / "README.md").read_text()
