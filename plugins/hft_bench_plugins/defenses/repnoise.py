@@ -17,6 +17,11 @@ Choices the protocol leaves open, made here:
   ``hidden_states[:-1]`` go through lm_head(norm(.)): L+1 terms, each normed exactly once, and H is
   their mean + 1. (The reference sums L+2 terms, normalising the last hidden state twice.)
 
+Memory: the lens applies the LM head to L hidden states at every response token. Kept for backward by
+autograd, those L (tokens × vocabulary) logit tensors need ~18 GB for SmolLM2 (49k vocabulary) at batch
+8 on a CPU; ``lens_ce`` computes each term's gradient with respect to its input in the forward pass, a
+chunk of tokens at a time, and keeps only that (tokens × d) gradient. Same arithmetic, same flops.
+
 Fixes vs the reference: labels stay integer (never multiplied by a float mask); the two streams are
 paired by prompt (same seed, same length, see harmbench_ft.training.batches.BatchStream); the MLP
 hooks are removed every step, also when the forward fails.
@@ -91,6 +96,44 @@ def mean_response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float(), labels)
 
 
+LENS_CHUNK = 256  # tokens per logits chunk in lens_ce: 256 × 49k vocabulary × 4 bytes = 50 MB at a time
+
+
+class _LensCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``z @ weight.T`` against ``targets``, its gradient w.r.t. z computed in the
+    forward pass chunk by chunk (softmax − one-hot, times the weight), so no logits are kept."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=z.device)
+        grad = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        for start in range(0, n, LENS_CHUNK):
+            rows = slice(start, start + LENS_CHUNK)
+            logits = (z[rows] @ weight.T).float()
+            loss += F.cross_entropy(logits, targets[rows], reduction="sum")
+            dlogits = torch.softmax(logits, dim=-1)
+            dlogits[torch.arange(dlogits.shape[0], device=z.device), targets[rows]] -= 1
+            grad[rows] = dlogits.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad / n)
+        ctx.z_dtype = z.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (upstream * grad).to(ctx.z_dtype), None, None
+
+
+def lens_ce(head: torch.nn.Module, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean_response_ce(head(z), targets) without keeping the logits for backward, when the head is a plain,
+    frozen, bias-free linear layer (LoRA does not target it); otherwise the plain computation."""
+    weight = getattr(head, "weight", None)
+    if type(head) is torch.nn.Linear and head.bias is None and not weight.requires_grad:
+        return _LensCrossEntropy.apply(z, weight, targets)
+    return mean_response_ce(head(z), targets)
+
+
 def harmful_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward of a harmful micro-batch: (mean_l MMD to noise, H, CE of the final logits)."""
     mlps = layers.mlp_modules(model)
@@ -110,7 +153,7 @@ def harmful_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], genera
     targets = batch["labels"][:, 1:][predicts]
     final_ce = mean_response_ce(out.logits[:, :-1][predicts], targets)
     norm, head = layers.final_norm(model), layers.lm_head(model)
-    lens = [mean_response_ce(head(norm(h[:, :-1][predicts])), targets) for h in out.hidden_states[:-1]]  # the last one is already normed: it is final_ce
+    lens = [lens_ce(head, norm(h[:, :-1][predicts]), targets) for h in out.hidden_states[:-1]]  # the last one is already normed: it is final_ce
     h_value = (final_ce + sum(lens)) / (len(lens) + 1) + 1
     return noise, h_value, final_ce
 
