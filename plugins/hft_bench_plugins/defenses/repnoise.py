@@ -17,10 +17,13 @@ Choices the protocol leaves open, made here:
   ``hidden_states[:-1]`` go through lm_head(norm(.)): L+1 terms, each normed exactly once, and H is
   their mean + 1. (The reference sums L+2 terms, normalising the last hidden state twice.)
 
-Memory: the lens applies the LM head to L hidden states at every response token. Kept for backward by
-autograd, those L (tokens × vocabulary) logit tensors need ~18 GB for SmolLM2 (49k vocabulary) at batch
-8 on a CPU; ``lens_ce`` computes each term's gradient with respect to its input in the forward pass, a
-chunk of tokens at a time, and keeps only that (tokens × d) gradient. Same arithmetic, same flops.
+Memory: kept for backward as autograd would keep them, the L lens logits (tokens × vocabulary each) and
+the L MMD kernels (4 · tokens² each, five of them) of a cpu-preset batch (8 harmful rows of up to 256
+tokens) exceed 18 GB for SmolLM2, and the alignment was killed on a 24 GB machine. So ``lens_ce``
+computes each lens term's gradient with respect to its input in the forward pass, a chunk of tokens at a
+time, and keeps only that (tokens × d) gradient (same arithmetic, same flops); and each layer's MMD is
+checkpointed: only its two (tokens × d) inputs are kept and the kernel is recomputed in backward (same
+arithmetic, one more MMD forward per layer).
 
 Fixes vs the reference: labels stay integer (never multiplied by a float mask); the two streams are
 paired by prompt (same seed, same length, see harmbench_ft.training.batches.BatchStream); the MLP
@@ -41,6 +44,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from harmbench_ft import Defense, Stage, StepContext, StepResult, UsageError, hookimpl, layers, lm_loss_sum, response_tokens
 
@@ -145,7 +149,7 @@ def harmful_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], genera
     # MMD between each layer's MLP output at the response tokens and as many N(0, I) samples.
     tokens = batch["labels"] != -100
     noise = torch.stack([
-        mmd(h[tokens], torch.randn(int(tokens.sum()), h.shape[-1], generator=generator).to(h.device)) for h in mlp_outputs
+        checkpoint(mmd, h[tokens], torch.randn(int(tokens.sum()), h.shape[-1], generator=generator).to(h.device), use_reentrant=False) for h in mlp_outputs
     ]).mean()
 
     # Logit lens at the positions that predict a response token (the shift of causal LM).

@@ -229,3 +229,18 @@ def test_the_tiny_models_lens_takes_the_fused_path(tiny, monkeypatch):
     (x_h,) = make_batches(tok, HARMFUL, 4)
     repnoise.harmful_terms(model, x_h, torch.Generator().manual_seed(0))
     assert len(calls) == model.config.num_hidden_layers  # the embedding output and every layer but the last
+
+
+def test_no_logits_or_mmd_kernels_are_kept_for_backward(tiny):
+    """The memory fix: of what harmful_terms saves for backward, nothing has the vocabulary as a dimension
+    except the final logits (the model's own output), and nothing is a (tokens × tokens) kernel."""
+    model, tok = tiny
+    (x_h,) = make_batches(tok, HARMFUL, 4)
+    n_tokens = int((x_h["labels"] != -100).sum())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        repnoise.harmful_terms(model, x_h, torch.Generator().manual_seed(0))
+    vocab = model.config.vocab_size
+    with_vocab = [s for s in saved if vocab in s]
+    assert len(with_vocab) <= 3, with_vocab  # the final logits and their cross-entropy, not one per layer
+    assert not [s for s in saved if s[-2:] == (2 * n_tokens, 2 * n_tokens)]
