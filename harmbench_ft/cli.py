@@ -187,9 +187,9 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     run.set_defaults(func=cmd_run)
 
-    lb = sub.add_parser("leaderboard", help="render markdown + CSV tables from stored results")
-    lb.add_argument("--runs-dir", default="runs")
-    lb.add_argument("--out", default="leaderboards")
+    lb = sub.add_parser("leaderboard", help="render markdown + CSV + PNG tables from stored results")
+    lb.add_argument("--runs-dir", default="runs", help="where the result records are (<run_id>/result.json; finished ones only are tabulated); default runs/")
+    lb.add_argument("--out", default="leaderboards", help="one table set per protocol, an index README.md, and a copy of every tabulated record under results/; default leaderboards/")
     lb.set_defaults(func=cmd_leaderboard)
 
     gr = sub.add_parser("grid", help="run every defense x ratio x task x seed of a grid file; finished runs are skipped")
