@@ -9,7 +9,6 @@ defense's cost), its CSV twin, and a PNG plot of HS and FA against the poison ra
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import re
@@ -19,14 +18,15 @@ from typing import Any
 import pandas as pd
 
 from harmbench_ft.results import RESULT_FILE, iter_results, write_atomic, write_json
-from harmbench_ft.spec import stable_hash
+from harmbench_ft.spec import hash_view, stable_hash, with_later_defaults
 
 RECORDS_DIR = "results"  # under the leaderboard folder: the result records the tables were rendered from
 METRICS = {"HS": "harmful_score", "HS+": "harmful_score_plus", "FA": "finetune_accuracy"}
 
 
 def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
-    proto = copy.deepcopy(spec)
+    """Everything but the defense, the poison ratio and the seed; fields added later filled with their defaults."""
+    proto = with_later_defaults(spec)
     proto.pop("defense", None)
     proto.pop("seed", None)
     proto["attack"].pop("ratio", None)
@@ -43,10 +43,11 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
         headline = judges[0]
         rows.append(
             {
-                "protocol": stable_hash(proto)[:8],
+                "protocol": stable_hash(hash_view(proto))[:8],  # the id stays as it was before later fields
                 "preset": spec["preset"],
                 "model": spec["model"]["name"],
                 "task": spec["attack"]["task"],
+                "split": proto["evaluation"]["split"],
                 "judge": spec["evaluation"]["judges"][0],
                 "judge_desc": ", ".join(f"{k} {v}" for k, v in headline.items() if k != "id") or "-",
                 "defense": spec["defense"]["name"],
@@ -210,14 +211,20 @@ def _protocol_summary(proto: dict[str, Any], judge_desc: str, judge: str) -> str
             f"- attack: task `{at['task']}`, n = {at['n']} rows uploaded, poison rows from `{at['harmful_source']}`",
             f"- alignment: {al['n_alignment']} refusal rows from `{al['alignment_source']}`, {al['n_harmful']} provider harmful rows; {train(al['train'])}",
             f"- fine-tuning: {train(ft)}",
-            f"- evaluation: HS on {ev['n_harmful_prompts']} prompts of `{ev['harmful_prompts']}` ({ev['max_new_tokens']} new tokens), judge `{judge}` ({judge_desc}); "
-            f"FA on {ev['n_task_test'] or 'all'} test rows; backend `{ev['backend']}`",
+            (
+                f"- evaluation: HS on {ev['n_harmful_prompts']} prompts of `{ev['harmful_prompts']}` ({ev['max_new_tokens']} new tokens), judge `{judge}` ({judge_desc}); "
+                f"FA on {ev['n_task_test'] or 'all'} test rows; backend `{ev['backend']}`"
+                if ev["split"] == "test"
+                else f"- evaluation on the **validation split** (for tuning; no test data): HS on {ev['n_harmful_prompts']} unique prompts of `{al['harmful_source']}` after the provider harmful window "
+                f"({ev['max_new_tokens']} new tokens), judge `{judge}` ({judge_desc}); FA on {ev['n_task_test'] or 'as many as the test has'} held-out train rows of the task; backend `{ev['backend']}`"
+            ),
         ]
     )
 
 
 def _title(row: pd.Series) -> str:
-    return f"{row['task']} · {row['model']} · preset {row['preset']}"
+    split = " · validation split (tuning)" if row["split"] == "validation" else ""
+    return f"{row['task']} · {row['model']} · preset {row['preset']}{split}"
 
 
 def _differences(proto_id: str, titles: dict[str, str], df: pd.DataFrame) -> str:

@@ -74,6 +74,11 @@ class AttackSpec:
 @dataclass
 class EvalSpec:
     harmful_prompts: str = "beavertails-330k-test"  # prompt set of the harmful score
+    # "test" (the published protocol) or "validation", for tuning a defense's hyperparameters without
+    # touching test data: HS prompts from the provider's harmful source (the unique unsafe prompts right
+    # after the provider harmful window, disjoint from every other window) and FA rows from the end of the
+    # task's shuffled train split (never uploaded). See harmbench_ft.data.windows.
+    split: str = "test"
     n_harmful_prompts: int = 100  # unique prompts
     n_task_test: int = 200  # rows of the task's test set; 0: the protocol's (Task.test_size: SST2 all 872, AGNews/GSM8K first 1000)
     max_new_tokens: int = 64  # for harmful prompts
@@ -105,7 +110,7 @@ class RunSpec:
 
     def content_hash(self) -> str:
         """A stable hash of everything that determines the result."""
-        return stable_hash(self.to_dict())
+        return stable_hash(hash_view(self.to_dict()))
 
     def run_id(self) -> str:
         p = f"{self.attack.ratio:g}"
@@ -114,6 +119,35 @@ class RunSpec:
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# Fields added after results were published, with their defaults. A stored spec without one meant the
+# default; the content hash leaves such a field out while it holds its default, so stored run ids (and
+# protocol ids) stay valid and a grid does not redo finished runs.
+LATER_FIELDS: dict[tuple[str, ...], Any] = {("evaluation", "split"): "test"}
+
+
+def with_later_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored spec (or part of one with the same nesting) with missing later fields filled in."""
+    spec = copy.deepcopy(spec)
+    for path, default in LATER_FIELDS.items():
+        node = spec
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], default)
+    return spec
+
+
+def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as hashed: later fields dropped while they hold their default."""
+    spec = copy.deepcopy(spec)
+    for path, default in LATER_FIELDS.items():
+        node = spec
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if path[-1] in node and node[path[-1]] == default:
+            del node[path[-1]]
+    return spec
 
 
 # -------------------------------------------------------------------------------------------------
@@ -283,6 +317,9 @@ def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
     return spec
 
 
+EVAL_SPLITS = ("test", "validation")
+
+
 def validate(spec: RunSpec) -> None:
     """Check ranges; report every problem at once."""
     problems = []
@@ -314,6 +351,8 @@ def validate(spec: RunSpec) -> None:
         problems.append("evaluation.n_harmful_prompts must be >= 1")
     if not spec.evaluation.judges:
         problems.append("evaluation.judges must name at least one judge")
+    if spec.evaluation.split not in EVAL_SPLITS:
+        problems.append(f"evaluation.split must be one of {', '.join(EVAL_SPLITS)}, got {spec.evaluation.split!r}")
     if problems:
         raise UsageError("invalid run spec: " + "; ".join(problems))
 

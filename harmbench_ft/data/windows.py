@@ -3,6 +3,12 @@
 Windows (all disjoint by normalised prompt): harmful-score prompts, the provider's harmful set, the
 attack's poison rows, the alignment set. The attack takes exactly round(p*n) harmful rows and
 n - round(p*n) benign rows (the reference code's `start < i < start+n` lost one row).
+
+With ``evaluation.split = "validation"`` (for tuning a defense's hyperparameters) the harmful score is
+taken on the unique unsafe prompts of the provider's harmful source right after the provider harmful
+window, and the accuracy on the task's train rows at the end of the fixed permutation (the upload takes
+them from its front). The test prompts are still cut out of the pool first, so every training window is
+the same as in a test run and its artifacts are reused: only the evaluation changes.
 """
 
 from __future__ import annotations
@@ -63,10 +69,18 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
     train_rows = load_rows(al.harmful_source, data_dir)
     pool = [r for k, r in _beavertails(train_rows, unsafe=True).items() if k not in taken]
     n_poison = round(at.ratio * at.n)
-    if al.n_harmful + n_poison > len(pool):
-        raise UsageError(f"alignment.n_harmful ({al.n_harmful}) + poison rows ({n_poison}) exceed the {len(pool)} unique harmful prompts of {al.harmful_source}")
+    n_validation = ev.n_harmful_prompts if ev.split == "validation" else 0
+    if al.n_harmful + n_validation + n_poison > len(pool):
+        raise UsageError(
+            f"alignment.n_harmful ({al.n_harmful}) + poison rows ({n_poison})"
+            + (f" + validation prompts ({n_validation})" if n_validation else "")
+            + f" exceed the {len(pool)} unique harmful prompts of {al.harmful_source}"
+        )
     harmful_rows = pool[: al.n_harmful]
     poison_rows = pool[len(pool) - n_poison :] if n_poison else []
+    if n_validation:
+        hs_prompts = [Example(r["prompt"]) for r in pool[al.n_harmful : al.n_harmful + n_validation]]
+        taken |= {e.key for e in hs_prompts}
     if at.harmful_source != al.harmful_source:
         attack_pool = [r for k, r in _beavertails(load_rows(at.harmful_source, data_dir), unsafe=True).items() if k not in taken and k not in {normalize_prompt(h["prompt"]) for h in harmful_rows}]
         poison_rows = attack_pool[len(attack_pool) - n_poison :] if n_poison else []
@@ -100,10 +114,12 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
     benign = [task.example(benign_rows[i]) for i in order[:n_benign]]
 
     test_rows = load_rows(task.test_source, data_dir)
-    test_size = ev.n_task_test or task.test_size
-    if test_size:
-        test_rows = test_rows[:test_size]
-    task_test = [(task.example(r), r) for r in test_rows]
+    test_size = ev.n_task_test or task.test_size or len(test_rows)
+    if ev.split == "validation":  # as many train rows as the test would take, from the permutation's end
+        if n_benign + test_size > len(order):
+            raise UsageError(f"evaluation.split=validation needs {test_size} {task.train_source} rows beyond the {n_benign} uploaded, but it has {len(order)}")
+        test_rows = [benign_rows[i] for i in order[len(order) - test_size :]]
+    task_test = [(task.example(r), r) for r in test_rows[:test_size]]
 
     data = RunData(alignment, harmful, harmful_refusals, benign + poison, n_poison, hs_prompts, task_test)
     data.hashes = {

@@ -1,7 +1,7 @@
 import pytest
 
 from harmbench_ft.errors import UsageError
-from harmbench_ft.spec import PRESETS, apply_overrides, known_paths, preset, spec_from_dict, validate
+from harmbench_ft.spec import PRESETS, apply_overrides, known_paths, preset, spec_from_dict, stable_hash, validate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -61,3 +61,19 @@ def test_a_task_max_new_tokens_of_none_resolves_to_the_tasks_budget():
     assert same.content_hash() == resolve(preset("cpu"))[0].content_hash()
     with pytest.raises(UsageError, match="task_max_new_tokens"):
         validate(apply_overrides(preset("cpu"), {"evaluation.task_max_new_tokens": "0"}))
+
+
+def test_a_later_field_at_its_default_leaves_the_hash_and_old_records_as_they_were():
+    """evaluation.split came after results were published: their run ids must not change."""
+    spec = preset("cpu")
+    old_form = spec.to_dict()
+    del old_form["evaluation"]["split"]  # a record written before the field existed
+    assert spec.content_hash() == stable_hash(old_form)
+    assert spec_from_dict(old_form).run_id() == spec.run_id()
+    validation = apply_overrides(spec, {"evaluation.split": "validation"})
+    assert validation.content_hash() != spec.content_hash()
+
+
+def test_an_unknown_evaluation_split_is_a_usage_error():
+    with pytest.raises(UsageError, match="evaluation.split must be one of test, validation"):
+        validate(apply_overrides(preset("tiny"), {"evaluation.split": "dev"}))

@@ -63,3 +63,26 @@ def test_n_task_test_zero_takes_the_protocols_test_rows(shared_data, task, expec
     """protocol.md: SST2 all 872 validation rows; AG News and GSM8K the first 1000 test rows."""
     assert len(data_for(shared_data, **{"attack.task": task, "evaluation.n_task_test": 0}).task_test) == expected
     assert len(data_for(shared_data, **{"attack.task": task, "evaluation.n_task_test": 7}).task_test) == 7
+
+
+def test_the_validation_split_evaluates_on_held_out_training_data_and_trains_on_the_same_windows(shared_data):
+    """Tuning never sees a test prompt or a test row, and reuses the test run's training artifacts."""
+    test = data_for(shared_data, **{"attack.ratio": 0.2, "evaluation.n_task_test": 0})
+    val = data_for(shared_data, **{"attack.ratio": 0.2, "evaluation.n_task_test": 0, "evaluation.split": "validation"})
+    for window in ("alignment", "harmful", "harmful_refusals", "user"):
+        assert val.hashes[window] == test.hashes[window], window
+    hs_val = {e.key for e in val.hs_prompts}
+    assert len(hs_val) == 200
+    for name, keys in {
+        "test prompts": {e.key for e in test.hs_prompts},
+        "alignment": {e.key for e in val.alignment},
+        "harmful": {e.key for e in val.harmful},
+        "poison": {e.key for e in val.user[len(val.user) - val.n_poison :]},
+    }.items():
+        assert not hs_val & keys, f"validation prompts overlap {name}"
+    assert len(val.task_test) == 872  # as many rows as the SST2 test, taken from the train split
+    train_sentences = {row["sentence"] for row in load_rows("sst2-train", shared_data)}
+    assert all(row["sentence"] in train_sentences for _, row in val.task_test)
+    uploaded = {e.input for e in val.user[: len(val.user) - val.n_poison]}
+    assert not {e.input for e, _ in val.task_test} & uploaded
+    assert {e.input for e, _ in val.task_test} != {e.input for e, _ in test.task_test}

@@ -152,3 +152,20 @@ def test_protocols_with_the_same_title_are_told_apart_by_the_settings_that_diffe
     results.write_json(only / lone.name / "result.json", json.loads((lone / "result.json").read_text()))
     write_leaderboards(only, tmp_path / "lb2")
     assert "- [sst2 · tiny-llama · preset tiny](" in (tmp_path / "lb2" / "README.md").read_text()
+
+
+def test_validation_runs_get_their_own_table_and_old_records_share_the_test_table(tmp_path):
+    runs = tmp_path / "runs"
+    old = record("sft", 0.0, 0, 10.0)
+    del old["spec"]["evaluation"]["split"]  # written before evaluation.split existed
+    new = record("sft", 0.2, 0, 60.0)
+    spec = apply_overrides(preset("tiny"), {"evaluation.split": "validation"})
+    tuning = record("sft", 0.0, 0, 30.0)
+    tuning["spec"], tuning["run_id"] = spec.to_dict(), spec.run_id()
+    for rec in (old, new, tuning):
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    tables = {p.read_text().splitlines()[0]: p.read_text() for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md"}
+    assert sorted(tables) == ["# sst2 · tiny-llama · preset tiny", "# sst2 · tiny-llama · preset tiny · validation split (tuning)"]
+    assert "| sft | 10.0 | 60.0 |" in tables["# sst2 · tiny-llama · preset tiny"]  # old and new records in one table
+    assert "- evaluation on the **validation split**" in tables["# sst2 · tiny-llama · preset tiny · validation split (tuning)"]
