@@ -244,3 +244,17 @@ def test_no_logits_or_mmd_kernels_are_kept_for_backward(tiny):
     with_vocab = [s for s in saved if vocab in s]
     assert len(with_vocab) <= 3, with_vocab  # the final logits and their cross-entropy, not one per layer
     assert not [s for s in saved if s[-2:] == (2 * n_tokens, 2 * n_tokens)]
+
+
+def test_the_lens_gradient_is_unchanged_where_probabilities_are_subnormal():
+    """lens_ce zeroes subnormal probabilities (a CPU speed fix); with logits spanning hundreds of nats, as
+    in the lens of early layers, the gradient must still equal autograd's, and some must have been subnormal."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 4096, bias=False).requires_grad_(False)
+    z = (40.0 * torch.randn(9, 16)).requires_grad_()
+    targets = torch.randint(0, 4096, (9,))
+    probs = F.softmax(head(z), dim=-1)
+    assert ((probs > 0) & (probs < torch.finfo(torch.float32).tiny)).any()  # the case the fix is for
+    (want_grad,) = torch.autograd.grad(F.cross_entropy(head(z), targets), z)
+    (got_grad,) = torch.autograd.grad(lens_ce(head, z, targets), z)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)  # as the test above: summation order only
