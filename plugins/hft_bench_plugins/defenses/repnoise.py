@@ -169,7 +169,7 @@ def harmful_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], genera
 
 class RepNoise(Defense):
     name = "repnoise"
-    description = "Representation noising (Rosati et al. 2024): retain refusals, map harmful MLP activations to N(0,I) (MMD), ascend the logit-lens harmful loss; 2 passes plus a 31-layer logit lens (6.5x SFT per step on SmolLM2, docs/defenses.md)."
+    description = "Representation noising (Rosati et al. 2024): retain refusals, map harmful MLP activations to N(0,I) (MMD), ascend the logit-lens harmful loss; 2 passes plus a 31-layer logit lens (7.1x SFT per alignment step at the cpu preset on SmolLM2, docs/defenses.md)."
     stages = (Stage.ALIGNMENT,)
     needs = ("harmful", "harmful_refusals")
     Params = Params
