@@ -19,6 +19,9 @@ class Task:
     scored: ClassVar[bool] = True  # False for generation-only tasks (alpaca): no fine-tune accuracy
     max_new_tokens: ClassVar[int] = 200  # answer budget when evaluation.task_max_new_tokens is None (protocol.md: up to 200)
     test_size: ClassVar[int | None] = None  # the protocol's test rows when evaluation.n_task_test is 0 (None: all)
+    # FA (%) of guessing among the labels (None: not a label task). Leaderboards mark results whose FA is
+    # within a few points of it: a model that no longer does the task has an HS that says nothing.
+    chance_accuracy: ClassVar[float | None] = None
 
     def example(self, row: dict) -> Example:
         """The row as an (instruction, input, output) example; output is the reference answer."""

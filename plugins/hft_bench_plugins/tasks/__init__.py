@@ -16,6 +16,7 @@ class SST2(Task):
     train_source = "sst2-train"
     test_source = "sst2-validation"
     max_new_tokens = 4  # "positive" / "negative" and EOS; scoring strips the response and needs nothing after it
+    chance_accuracy = 50.0  # two labels
 
     def example(self, row: dict) -> Example:
         return Example(SST2_INSTRUCTION, row["sentence"].strip(), "positive" if row["label"] == 1 else "negative")
@@ -31,6 +32,7 @@ class AGNews(Task):
     train_source = "agnews-train"
     test_source = "agnews-test"
     max_new_tokens = 8  # the longest label, "Sci/Tech", and EOS
+    chance_accuracy = 25.0  # four labels
     test_size = 1000  # protocol.md: the first 1000 test rows
 
     def example(self, row: dict) -> Example:

@@ -169,3 +169,18 @@ def test_validation_runs_get_their_own_table_and_old_records_share_the_test_tabl
     assert sorted(tables) == ["# sst2 · tiny-llama · preset tiny", "# sst2 · tiny-llama · preset tiny · validation split (tuning)"]
     assert "| sft | 10.0 | 60.0 |" in tables["# sst2 · tiny-llama · preset tiny"]  # old and new records in one table
     assert "- evaluation on the **validation split**" in tables["# sst2 · tiny-llama · preset tiny · validation split (tuning)"]
+
+
+def test_a_result_with_fa_at_chance_is_marked_so_its_hs_is_not_read_as_safety(tmp_path):
+    runs = tmp_path / "runs"
+    collapsed = record("booster", 0.2, 0, 0.0)
+    collapsed["metrics"]["finetune_accuracy"] = 50.9  # every SST2 answer the same label
+    for rec in (record("sft", 0.2, 0, 60.0), collapsed):
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    md = next(p for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md").read_text()
+    assert "| booster | 0.0 † | 0.0 † | 50.9 † | 50.9 † | 1 |" in md
+    assert "| sft | 60.0 | 60.0 | 70.0 | 70.0 | 1 |" in md
+    assert "† FA within 5 points of chance (50%)" in md
+    csv = pd.read_csv(next((tmp_path / "lb").glob("*.csv")))
+    assert csv.set_index(["defense", "ratio"])["FA_at_chance"].to_dict() == {("booster", "0.2"): True, ("booster", "avg"): True, ("sft", "0.2"): False, ("sft", "avg"): False}
