@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from harmbench_ft.errors import UsageError
 
@@ -127,26 +127,32 @@ def stable_hash(obj: Any) -> str:
 LATER_FIELDS: dict[tuple[str, ...], Any] = {("evaluation", "split"): "test"}
 
 
+def _later_field_slots(spec: dict[str, Any], create: bool) -> Iterator[tuple[dict[str, Any], str, Any]]:
+    """(parent dict, key, default) of every later field in `spec`; missing parents are made or skipped."""
+    for path, default in LATER_FIELDS.items():
+        node: dict[str, Any] | None = spec
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if create else node.get(key)
+            if node is None:
+                break
+        if node is not None:
+            yield node, path[-1], default
+
+
 def with_later_defaults(spec: dict[str, Any]) -> dict[str, Any]:
     """A copy of a stored spec (or part of one with the same nesting) with missing later fields filled in."""
     spec = copy.deepcopy(spec)
-    for path, default in LATER_FIELDS.items():
-        node = spec
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node.setdefault(path[-1], default)
+    for node, key, default in _later_field_slots(spec, create=True):
+        node.setdefault(key, default)
     return spec
 
 
 def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
     """The spec as hashed: later fields dropped while they hold their default."""
     spec = copy.deepcopy(spec)
-    for path, default in LATER_FIELDS.items():
-        node = spec
-        for key in path[:-1]:
-            node = node.get(key, {})
-        if path[-1] in node and node[path[-1]] == default:
-            del node[path[-1]]
+    for node, key, default in _later_field_slots(spec, create=False):
+        if key in node and node[key] == default:
+            del node[key]
     return spec
 
 
