@@ -72,6 +72,10 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
                 "finetune_s": stages.get("finetune", {}).get("train_seconds"),
                 "finetune_s_per_step": stages.get("finetune", {}).get("seconds_per_step"),
                 "alignment_s_per_step": stages.get("alignment", {}).get("seconds_per_step"),
+                "alignment_artifact": stages.get("alignment", {}).get("artifact"),
+                "finetune_artifact": stages.get("finetune", {}).get("artifact"),
+                "post_finetune_s": stages.get("post_finetune", {}).get("seconds", 0.0),
+                "evaluation_s": stages.get("evaluation", {}).get("seconds"),
                 "_proto": proto,
             }
         )
@@ -188,6 +192,17 @@ def cost_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def stage_seconds(df: pd.DataFrame) -> float:
+    """Seconds the table's results took one at a time: each alignment and fine-tune counted once however many
+    runs share it (runs that resumed or reused it recorded its training time), plus every run's post-fine-tuning
+    step and evaluation. Model loading between stages is not included."""
+    total = 0.0
+    for stage in ("alignment", "finetune"):
+        built = df.dropna(subset=[f"{stage}_artifact"]).drop_duplicates(f"{stage}_artifact")
+        total += built[f"{stage}_s"].fillna(0).sum() + df[df[f"{stage}_artifact"].isna()][f"{stage}_s"].fillna(0).sum()
+    return total + df["post_finetune_s"].fillna(0).sum() + df["evaluation_s"].fillna(0).sum()
+
+
 def plot_protocol(df: pd.DataFrame, title: str) -> bytes:
     """PNG: HS vs p and FA vs p, one line per defense, error bars = std over seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend: no display, no global state
@@ -297,6 +312,9 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
             + f"## Defenses\n\n{defenses}\n\n"
             f"## Cost\n\nTraining seconds of each stage (mean over runs; a shared alignment counts for every defense that uses it) "
             f"and seconds per optimizer step relative to SFT.\n\n{cost_table(sub)}\n\n"
+            f"All {len(sub)} results took {stage_seconds(sub):.0f} s ({stage_seconds(sub) / 3600:.2f} h) of stage time one at a time: each alignment and "
+            f"fine-tune counted once however many runs share it, plus every run's post-fine-tuning step and evaluation "
+            f"(model loading not included).\n\n"
             f"## Protocol `{proto_id}`\n\n<details><summary>every setting</summary>\n\n{settings}\n\n</details>\n"
         )
         md_path, csv_path, png_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv", out_dir / f"{stem}.png"

@@ -184,3 +184,17 @@ def test_a_result_with_fa_at_chance_is_marked_so_its_hs_is_not_read_as_safety(tm
     assert "† FA within 5 points of chance (50%)" in md
     csv = pd.read_csv(next((tmp_path / "lb").glob("*.csv")))
     assert csv.set_index(["defense", "ratio"])["FA_at_chance"].to_dict() == {("booster", "0.2"): True, ("booster", "avg"): True, ("sft", "0.2"): False, ("sft", "avg"): False}
+
+
+def test_stage_time_counts_a_shared_artifact_once_and_every_evaluation(tmp_path):
+    runs = tmp_path / "runs"
+    shared = [("sft", 0.0, "a/sft", "f/1"), ("sft", 0.2, "a/sft", "f/2"), ("booster", 0.0, "a/booster", "f/3")]
+    for defense, ratio, alignment, finetune in shared:
+        rec = record(defense, ratio, 0, 10.0)
+        rec["stages"]["alignment"]["artifact"], rec["stages"]["finetune"]["artifact"] = alignment, finetune
+        rec["stages"]["post_finetune"] = {"seconds": 0.25 if defense == "booster" else 0.0}
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    md = next((tmp_path / "lb").glob("tiny-*.md")).read_text()
+    # alignments 2 (sft, once) + 6 (booster); fine-tunes 1.25 + 1.25 + 2.5; post 0.25; evaluations 3 x 1 = 16.25
+    assert "All 3 results took 16 s (0.00 h) of stage time one at a time" in md
