@@ -196,11 +196,12 @@ def stage_seconds(df: pd.DataFrame) -> float:
     """Seconds the table's results took one at a time: each alignment and fine-tune counted once however many
     runs share it (runs that resumed or reused it recorded its training time), plus every run's post-fine-tuning
     step and evaluation. Model loading between stages is not included."""
-    total = 0.0
+    total = df["post_finetune_s"].fillna(0).sum() + df["evaluation_s"].fillna(0).sum()
     for stage in ("alignment", "finetune"):
-        built = df.dropna(subset=[f"{stage}_artifact"]).drop_duplicates(f"{stage}_artifact")
-        total += built[f"{stage}_s"].fillna(0).sum() + df[df[f"{stage}_artifact"].isna()][f"{stage}_s"].fillna(0).sum()
-    return total + df["post_finetune_s"].fillna(0).sum() + df["evaluation_s"].fillna(0).sum()
+        artifact = df[f"{stage}_artifact"]
+        first_use = artifact.isna() | ~artifact.duplicated()  # a record without an artifact path counts as its own
+        total += df.loc[first_use, f"{stage}_s"].fillna(0).sum()
+    return total
 
 
 def plot_protocol(df: pd.DataFrame, title: str) -> bytes:
@@ -297,6 +298,7 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
         first = sub.iloc[0]
         stem = _slug(f"{first['preset']}-{first['model'].split('/')[-1]}-{first['task']}-{first['judge']}-{proto_id}")
         title = _title(first) + _differences(proto_id, titles, df)
+        seconds = stage_seconds(sub)
         table, csv = protocol_table(sub)
         proto = first["_proto"]
         settings = "\n".join(f"- `{k}`: `{v}`" for k, v in _flatten(proto).items())
@@ -312,7 +314,7 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
             + f"## Defenses\n\n{defenses}\n\n"
             f"## Cost\n\nTraining seconds of each stage (mean over runs; a shared alignment counts for every defense that uses it) "
             f"and seconds per optimizer step relative to SFT.\n\n{cost_table(sub)}\n\n"
-            f"All {len(sub)} results took {stage_seconds(sub):.0f} s ({stage_seconds(sub) / 3600:.2f} h) of stage time one at a time: each alignment and "
+            f"All {len(sub)} results took {seconds:.0f} s ({seconds / 3600:.2f} h) of stage time one at a time: each alignment and "
             f"fine-tune counted once however many runs share it, plus every run's post-fine-tuning step and evaluation "
             f"(model loading not included).\n\n"
             f"## Protocol `{proto_id}`\n\n<details><summary>every setting</summary>\n\n{settings}\n\n</details>\n"
