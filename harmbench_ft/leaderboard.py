@@ -213,7 +213,8 @@ def plot_protocol(df: pd.DataFrame, title: str) -> bytes:
     rows = _ordered(df["row"])
     ratios = sorted(df["ratio"].unique())
     judge = df["judge"].iloc[0]
-    fig = Figure(figsize=(11, 4.2), dpi=120)
+    legend_rows = -(-len(rows) // 3)
+    fig = Figure(figsize=(11, 4.2 + 0.25 * legend_rows), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     spread = (max(ratios) - min(ratios)) or 1.0
@@ -222,15 +223,15 @@ def plot_protocol(df: pd.DataFrame, title: str) -> bytes:
         dodge = (i - (len(rows) - 1) / 2) * 0.012 * spread  # identical lines stay visible side by side
         for ax, metric in zip(axes, ("HS", "FA")):
             ax.errorbar(stats.index + dodge, stats[metric]["mean"], yerr=stats[metric]["std"].fillna(0), marker="os^vDP*X"[i % 8], linestyle=("-", "--", "-.", ":")[i % 4], capsize=3, label=row)
-    for ax, name in zip(axes, (f"harmful score HS (%, judge {judge}; lower is better)", "fine-tune accuracy FA (%; higher is better)")):
+    for ax, name in zip(axes, (f"harmful score HS (%, {judge})\nlower is better", "fine-tune accuracy FA (%)\nhigher is better")):
         ax.set_xlabel("poison ratio p")
         ax.set_ylabel(name)
         ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    axes[0].legend(title="defense", fontsize="small")
+    # below the plots, where it hides no point however many defenses there are
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
