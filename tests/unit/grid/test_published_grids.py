@@ -1,0 +1,25 @@
+"""The grid files published under leaderboards/grids/ stay runnable as the code changes."""
+
+from pathlib import Path
+
+import pytest
+
+from harmbench_ft.grid.gridfile import expand, load_grid
+from harmbench_ft.plugins import get_registry
+
+GRIDS = sorted((Path(__file__).parents[3] / "leaderboards" / "grids").glob("*.toml"))
+
+
+def test_the_published_grids_are_found():
+    assert len(GRIDS) >= 2, GRIDS
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_a_published_grid_expands_and_every_defense_accepts_its_arguments(path):
+    grid = load_grid(path)
+    specs = expand(grid)
+    assert len(specs) == len(grid.defenses) * len(grid.ratios) * len(grid.tasks) * len(grid.seeds)
+    registry = get_registry()
+    for spec in specs:
+        defense_cls = registry.get("defenses", spec.defense.name)
+        defense_cls.make_params(spec.defense.args)  # raises UsageError on an unknown or invalid argument
