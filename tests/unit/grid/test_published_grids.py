@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from harmbench_ft.grid.gridfile import expand, load_grid
-from harmbench_ft.plugins import get_registry
+from harmbench_ft.runner import resolve
 
 GRIDS = sorted((Path(__file__).parents[3] / "leaderboards" / "grids").glob("*.toml"))
 
@@ -15,11 +15,9 @@ def test_the_published_grids_are_found():
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
-def test_a_published_grid_expands_and_every_defense_accepts_its_arguments(path):
+def test_a_published_grid_expands_and_every_run_resolves(path):
     grid = load_grid(path)
     specs = expand(grid)
     assert len(specs) == len(grid.defenses) * len(grid.ratios) * len(grid.tasks) * len(grid.seeds)
-    registry = get_registry()
     for spec in specs:
-        defense_cls = registry.get("defenses", spec.defense.name)
-        defense_cls.make_params(spec.defense.args)  # raises UsageError on an unknown or invalid argument
+        resolve(spec)  # the runner's own check: raises UsageError on an unknown defense argument, task or judge
