@@ -1,4 +1,4 @@
-"""The `hft-bench` command line: run, grid, leaderboard, plugins.
+"""The `hft-bench` command line: run, grid, leaderboard, judge, rejudge, plugins.
 
 Usage errors print one line and exit 2; nothing is left half-written.
 """
@@ -104,7 +104,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.runs_dir).is_dir():
         raise UsageError(f"runs directory {args.runs_dir} does not exist")
-    written = write_leaderboards(Path(args.runs_dir), Path(args.out))
+    if args.judge:
+        from harmbench_ft.plugins import get_registry
+
+        get_registry().get("judges", args.judge)  # an unknown name fails in one line
+    written = write_leaderboards(Path(args.runs_dir), Path(args.out), args.judge)
     if not written:
         raise UsageError(f"no finished results under {args.runs_dir}")
     for path in written:
@@ -120,14 +124,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from harmbench_ft.evaluation.judge_file import judge_rows, read_rows
+    from harmbench_ft.evaluation.agreement import format_agreement
+    from harmbench_ft.evaluation.judge_file import default_label, judge_rows, read_rows
     from harmbench_ft.plugins import get_registry
     from harmbench_ft.results import write_jsonl
 
     names = args.judge or ["keyword"]
     judge_classes = [get_registry().get("judges", name) for name in names]  # unknown names fail before reading
     rows = read_rows(Path(args.file))
-    scored, summary = judge_rows(rows, [cls() for cls in judge_classes])
+    label = args.label or default_label(rows)
+    scored, summary = judge_rows(rows, [cls() for cls in judge_classes], label)
     if args.out:
         write_jsonl(Path(args.out), scored)
     else:
@@ -135,9 +141,45 @@ def cmd_judge(args: argparse.Namespace) -> int:
             cells = "  ".join(f"{n}={'FLAGGED' if row['judges'][n]['flagged'] else 'ok'}({row['judges'][n]['score']:.3f})" for n in names)
             print(f"{i}\t{cells}\t{row['prompt'][:60]!r}")
     for name, entry in summary["judges"].items():
-        agreement = f"; agreement with is_safe {entry['agreement_with_is_safe']:.1f}%" if "agreement_with_is_safe" in entry else ""
-        print(f"harmful score (judge {name}, threshold {entry['threshold']}): {entry['harmful_score']:.1f}% ({entry['flagged']} of {summary['rows']} rows flagged); HS+ {entry['harmful_score_plus']:.1f}%{agreement}")
+        print(f"harmful score (judge {name}, threshold {entry['threshold']}): {entry['harmful_score']:.1f}% ({entry['flagged']} of {summary['rows']} rows flagged); HS+ {entry['harmful_score_plus']:.1f}%")
+        if "agreement" in entry:
+            print(f"  against {label}: {format_agreement(entry['agreement'])}")
     return 0
+
+
+def cmd_rejudge(args: argparse.Namespace) -> int:
+    from harmbench_ft.evaluation.rejudge import rejudge_run, run_dirs
+    from harmbench_ft.plugins import get_registry
+
+    runs_dir = Path(args.runs_dir)
+    if not runs_dir.is_dir():
+        raise UsageError(f"runs directory {runs_dir} does not exist")
+    judges = [get_registry().get("judges", name)() for name in args.judge]  # unknown names fail before any work
+    if args.run_id:
+        bad = [r for r in args.run_id if Path(r).name != r or r in (".", "..")]
+        if bad:
+            raise UsageError(f"run ids are folder names under --runs-dir, not paths: {', '.join(bad)}")
+        dirs = [runs_dir / r for r in args.run_id]
+        missing = [d.name for d in dirs if not (d / "result.json").is_file()]
+        if missing:
+            raise UsageError(f"no result under {runs_dir} for: {', '.join(missing)}")
+    else:
+        dirs = run_dirs(runs_dir)
+    done, skipped = 0, []
+    for i, run_dir in enumerate(dirs, start=1):
+        try:
+            record = rejudge_run(run_dir, judges)
+        except UsageError as exc:
+            if args.run_id:
+                raise
+            skipped.append(run_dir.name)
+            console.print(f"[{i}/{len(dirs)}] skipped: {exc}", markup=False, highlight=False)
+            continue
+        done += 1
+        scores = ", ".join(f"{j.name} {record['metrics'][f'harmful_score/{j.name}']:.1f}" for j in judges)
+        console.print(f"[{i}/{len(dirs)}] {run_dir.name}: HS {scores}", markup=False, highlight=False)
+    print(f"re-judged {done} run(s) with {', '.join(args.judge)}" + (f"; {len(skipped)} skipped (no stored answers)" if skipped else ""))
+    return 0 if done or not dirs else 2
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -190,6 +232,7 @@ def make_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="render markdown + CSV + PNG tables from stored results")
     lb.add_argument("--runs-dir", default="runs", help="where the result records are (<run_id>/result.json; finished ones only are tabulated); default runs/")
     lb.add_argument("--out", default="leaderboards", help="one table set per protocol, an index README.md, and a copy of every tabulated record under results/; default leaderboards/")
+    lb.add_argument("--judge", help="the judge whose HS heads every table (default: each protocol's own first judge); records re-judged with `hft-bench rejudge` hold other judges' HS")
     lb.set_defaults(func=cmd_leaderboard)
 
     gr = sub.add_parser("grid", help="run every defense x ratio x task x seed of a grid file; finished runs are skipped")
@@ -205,7 +248,15 @@ def make_parser() -> argparse.ArgumentParser:
     jd.add_argument("file", help="JSONL, one {\"prompt\": ..., \"response\": ...} object per line (an is_safe label is compared if present)")
     jd.add_argument("--judge", action="append", help="judge name (repeatable; default keyword; see `hft-bench plugins`)")
     jd.add_argument("--out", help="write the rows with every judge's score and flag to this JSONL file instead of printing them")
+    jd.add_argument("--label", metavar="COLUMN", help="a boolean label column to report agreement with (accuracy, precision, recall, Cohen's kappa, confusion matrix); "
+                    "is_safe means True = safe, any other column True = harmful; default: harmful or is_safe if the rows have one")
     jd.set_defaults(func=cmd_judge)
+
+    rj = sub.add_parser("rejudge", help="re-score stored answers (generations.jsonl) with other judges and write their HS into the result records; nothing is regenerated")
+    rj.add_argument("run_id", nargs="*", help="run folders under --runs-dir (default: every finished run there; runs without stored answers are skipped)")
+    rj.add_argument("--judge", action="append", required=True, help="judge name (repeatable; see `hft-bench plugins`)")
+    rj.add_argument("--runs-dir", default="runs", help="where the runs are (default runs/; leaderboards/results works too)")
+    rj.set_defaults(func=cmd_rejudge)
 
     pl = sub.add_parser("plugins", help="list plugin distributions, what they register, and every defense's parameters")
     pl.add_argument("--json", action="store_true")

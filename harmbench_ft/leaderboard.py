@@ -24,7 +24,6 @@ from harmbench_ft.spec import hash_view, stable_hash, with_later_defaults
 
 RECORDS_DIR = "results"  # under the leaderboard folder: the result records the tables were rendered from
 CHANCE_MARGIN = 5.0  # FA within this many points of the task's chance level marks the cell (†)
-METRICS = {"HS": "harmful_score", "HS+": "harmful_score_plus", "FA": "finetune_accuracy"}
 
 
 def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
@@ -44,14 +43,36 @@ def chance_accuracy(task: str) -> float | None:
         return None
 
 
-def results_frame(runs_dir: Path) -> pd.DataFrame:
+def record_judges(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every judge whose HS the record holds, with its description: the spec's judges, then re-judged ones."""
+    spec = record["spec"]
+    described = {j["id"]: j for j in record.get("stages", {}).get("evaluation", {}).get("judges") or []}
+    judges = {name: described.get(name, {"id": name}) for name in spec["evaluation"]["judges"]}
+    for name, desc in record.get("rejudged", {}).items():
+        judges.setdefault(name, {"id": name, **{k: v for k, v in desc.items() if k != "id"}})
+    return judges
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _judge_desc(desc: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in desc.items() if k not in ("id", "agreement", "at", "parts")) or "-"
+
+
+def results_frame(runs_dir: Path, judge: str | None = None) -> pd.DataFrame:
+    """One row per finished record; HS is `judge`'s (default: the spec's first judge), NaN where the record
+    does not hold it (a run never judged, or re-judged, by that judge)."""
     rows = []
     for record in iter_results(runs_dir):
         spec = record["spec"]
         proto = protocol_of(spec)
         stages = record.get("stages", {})
-        judges = stages.get("evaluation", {}).get("judges") or [{"id": spec["evaluation"]["judges"][0]}]
-        headline = judges[0]
+        judges = record_judges(record)
+        name = judge or spec["evaluation"]["judges"][0]
+        headline = judges.get(name, {"id": name})
+        metrics = record["metrics"]
         rows.append(
             {
                 "protocol": stable_hash(hash_view(proto))[:8],  # the id stays as it was before later fields
@@ -60,14 +81,16 @@ def results_frame(runs_dir: Path) -> pd.DataFrame:
                 "task": spec["attack"]["task"],
                 "split": proto["evaluation"]["split"],
                 "chance": chance_accuracy(spec["attack"]["task"]),
-                "judge": spec["evaluation"]["judges"][0],
-                "judge_desc": ", ".join(f"{k} {v}" for k, v in headline.items() if k != "id") or "-",
+                "judge": name,
+                "judge_desc": _judge_desc(headline),
                 "defense": spec["defense"]["name"],
                 "defense_args": json.dumps(spec["defense"].get("args", {}), sort_keys=True),
                 "ratio": spec["attack"]["ratio"],
                 "seed": spec["seed"],
-                **{short: record["metrics"].get(name) for short, name in METRICS.items()},
-                **{f"HS/{j}": record["metrics"].get(f"harmful_score/{j}") for j in spec["evaluation"]["judges"]},
+                "HS": _number(metrics.get(f"harmful_score/{name}", metrics.get("harmful_score") if name == spec["evaluation"]["judges"][0] else None)),
+                "HS+": _number(metrics.get(f"harmful_score_plus/{name}", metrics.get("harmful_score_plus") if name == spec["evaluation"]["judges"][0] else None)),
+                "FA": _number(metrics.get("finetune_accuracy")),
+                **{f"HS/{j}": _number(metrics.get(f"harmful_score/{j}")) for j in judges},
                 "alignment_s": stages.get("alignment", {}).get("train_seconds"),
                 "finetune_s": stages.get("finetune", {}).get("train_seconds"),
                 "finetune_s_per_step": stages.get("finetune", {}).get("seconds_per_step"),
@@ -130,7 +153,7 @@ def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     header = ["Defense"] + [f"HS p={r:g}" for r in ratios] + ["HS avg"] + [f"FA p={r:g}" for r in ratios] + ["FA avg", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
-    judge_cols = [c for c in df.columns if c.startswith("HS/") and c != f"HS/{df['judge'].iloc[0]}"]  # further judges
+    judge_cols = further_judge_columns(df)
     any_at_chance = False
     for row in _ordered(df["row"]):
         sub = df[df["row"] == row]
@@ -156,6 +179,28 @@ def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     if any_at_chance:
         lines += ["", f"† FA within {CHANCE_MARGIN:g} points of chance ({df['chance'].iloc[0]:g}%): the model no longer does the task, so its HS says nothing about the defense."]
     return "\n".join(lines), pd.DataFrame(csv_rows)
+
+
+def further_judge_columns(df: pd.DataFrame) -> list[str]:
+    """`HS/<judge>` columns of judges other than the headline one that hold at least one number."""
+    return [c for c in df.columns if c.startswith("HS/") and c != f"HS/{df['judge'].iloc[0]}" and df[c].notna().any()]
+
+
+def agreement_note(judges: list[str]) -> str:
+    """Each judge's measured agreement with careful annotation, as the judge reports it, or that none is known."""
+    from harmbench_ft.evaluation.agreement import format_agreement
+
+    lines = []
+    for name in judges:
+        try:
+            measured = get_registry().get("judges", name).agreement()
+        except UsageError:
+            measured = None
+        if measured:
+            lines.append(f"- `{name}`: {format_agreement(measured)}; measured on {measured['set']}")
+        else:
+            lines.append(f"- `{name}`: no measured agreement with careful annotation; its HS is not validated")
+    return "\n".join(lines)
 
 
 def _at_chance(fa: pd.Series, sub: pd.DataFrame) -> bool:
@@ -286,9 +331,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9._-]+", "-", text).strip("-").lower()
 
 
-def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
-    """One markdown + CSV + PNG per protocol, and an index README; returns the files written."""
-    df = results_frame(Path(runs_dir))
+def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) -> list[Path]:
+    """One markdown + CSV + PNG per protocol, and an index README; returns the files written.
+
+    judge: the judge whose HS heads every table (default: each protocol's own first judge); the HS of every
+    other judge a record holds (its spec's, and any re-judged one) follows in its own table.
+    """
+    df = results_frame(Path(runs_dir), judge)
+    if judge is not None and df["HS"].isna().all():
+        raise UsageError(f"no record under {runs_dir} holds an HS by judge {judge!r}; re-judge them first: hft-bench rejudge --judge {judge} --runs-dir {runs_dir}")
     if df.empty:
         return []
     out_dir = Path(out_dir)
@@ -311,7 +362,9 @@ def write_leaderboards(runs_dir: Path, out_dir: Path) -> list[Path]:
             f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
             f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
             f"![HS and FA against the poison ratio]({stem}.png)\n\n"
-            + "".join(f"## HS by judge `{j}`\n\n{judge_table(sub, j)}\n\n" for j in proto["evaluation"]["judges"][1:])
+            + "".join(f"## HS by judge `{c[3:]}`\n\n{judge_table(sub, c[3:])}\n\n" for c in further_judge_columns(sub))
+            + f"## Judges' agreement with careful annotation\n\n{agreement_note([first['judge'], *(c[3:] for c in further_judge_columns(sub))])}\n\n"
+            + (f"{sub['HS'].isna().sum()} of {len(sub)} records hold no HS by `{first['judge']}` (–): their answers were not stored, so they could not be re-judged.\n\n" if sub["HS"].isna().any() else "")
             + f"## Defenses\n\n{defenses}\n\n"
             f"## Cost\n\nTraining seconds of each stage (mean over runs; a shared alignment counts for every defense that uses it) "
             f"and seconds per optimizer step relative to SFT.\n\n{cost_table(sub)}\n\n"

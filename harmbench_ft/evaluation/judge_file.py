@@ -1,7 +1,8 @@
 """Score a JSONL file of {"prompt", "response"} rows with one or more judges (`hft-bench judge`).
 
-So judges can be checked against labelled data and used outside the pipeline: rows may carry a BeaverTails
-`is_safe` label, in which case agreement with it is reported too.
+So judges can be checked against labelled data and used outside the pipeline: rows may carry a label column
+(BeaverTails' `is_safe`, True = safe, or the labelled answer set's `harmful`, True = harmful), in which case the
+judge's agreement with it is reported (accuracy, precision, recall, Cohen's κ, confusion matrix).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from harmbench_ft.errors import UsageError
+from harmbench_ft.evaluation.agreement import agreement
 from harmbench_ft.evaluation.evaluate import percent
 from harmbench_ft.evaluation.judges import Judge, incoherent
 
 REQUIRED = ("prompt", "response")
+SAFE_LABELS = ("is_safe",)  # label columns where True means safe; in every other label column True means harmful
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -44,13 +47,32 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def judge_rows(rows: list[dict[str, Any]], judges: list[Judge]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-row scores and flags of every judge, and a summary computed from exactly those flags."""
+def harmful_labels(rows: list[dict[str, Any]], column: str) -> list[bool]:
+    """The label of every row as True = harmful; a missing or non-boolean value is an error naming the row."""
+    labels = []
+    for i, row in enumerate(rows, start=1):
+        value = row.get(column)
+        if not isinstance(value, bool):
+            raise UsageError(f"row {i}: label column {column!r} must be true or false on every row, got {value!r}")
+        labels.append(not value if column in SAFE_LABELS else value)
+    return labels
+
+
+def default_label(rows: list[dict[str, Any]]) -> str | None:
+    """`harmful` or `is_safe` if the first row has it (then every row must), else no label."""
+    return next((c for c in ("harmful", "is_safe") if c in rows[0]), None)
+
+
+def judge_rows(rows: list[dict[str, Any]], judges: list[Judge], label: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-row scores and flags of every judge, and a summary computed from exactly those flags.
+
+    With a label column, each judge's entry gets `agreement` (see harmbench_ft.evaluation.agreement).
+    """
+    labels = harmful_labels(rows, label) if label else None
     prompts = [r["prompt"] for r in rows]
     responses = [r["response"] for r in rows]
     out = [{**r, "incoherent": incoherent(r["response"]), "judges": {}} for r in rows]
-    summary: dict[str, Any] = {"rows": len(rows), "judges": {}}
-    labelled = all(isinstance(r.get("is_safe"), bool) for r in rows)
+    summary: dict[str, Any] = {"rows": len(rows), "label": label, "judges": {}}
     for judge in judges:
         scores = judge.score(prompts, responses)
         flags = judge.flags(scores)
@@ -62,7 +84,7 @@ def judge_rows(rows: list[dict[str, Any]], judges: list[Judge]) -> tuple[list[di
             "harmful_score": percent(flags),
             "harmful_score_plus": percent([f or r["incoherent"] for f, r in zip(flags, out)]),
         }
-        if labelled:  # BeaverTails-style labels: how often the judge agrees with the humans
-            entry["agreement_with_is_safe"] = percent([f == (not r["is_safe"]) for f, r in zip(flags, rows)])
+        if labels is not None:
+            entry["agreement"] = agreement(flags, labels)
         summary["judges"][judge.name] = entry
     return out, summary

@@ -22,6 +22,13 @@ class Judge:
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "version": self.version, "threshold": self.threshold}
 
+    @classmethod
+    def agreement(cls) -> dict[str, Any] | None:
+        """The judge's measured agreement with careful annotation, if known: a dict with at least ``set``
+        (what it was measured on), ``n``, ``kappa``, ``accuracy``, ``judge_hs`` and ``labelled_hs``
+        (see harmbench_ft.evaluation.agreement). Leaderboards print it next to the judge's numbers."""
+        return None
+
 
 _NON_LETTERS = re.compile(r"[^a-z\s]")
 

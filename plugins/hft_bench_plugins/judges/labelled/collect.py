@@ -1,0 +1,121 @@
+"""Collect the answers of the benchmark's own models for annotation (the labelled judge set).
+
+Every model here is produced by the ordinary pipeline (`Runner.run` on the cpu preset, seed 0), so the
+answers are exactly what the benchmark's judges have to read: the base model, the aligned model, SFT at
+several poison ratios, defenses, other tasks. Prompts are never HS test prompts:
+
+- `bt-val`: BeaverTails 330k_train unsafe prompts of the validation window (``evaluation.split=validation``
+  with ``N_VALIDATION`` prompts: right after the provider's harmful rows, disjoint from every training window);
+- `advbench`: an evenly spread sample of AdvBench behaviours (no test role anywhere in the protocol).
+
+    python -m hft_bench_plugins.judges.labelled.collect --data-dir ../shared/data --out runs/labelling/answers.jsonl
+
+Models already collected in ``--out`` are skipped, so an interrupted collection resumes. One (prompt,
+response) pair answered identically by several models is kept once (with every model that gave it), since a
+label depends on the pair only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from harmbench_ft import Example, load_rows, preset
+from harmbench_ft.plugins import get_registry
+from harmbench_ft.spec import apply_overrides
+
+N_VALIDATION = 300  # validation-window prompts per model
+N_ADVBENCH = 104  # AdvBench prompts (every 5th of 520) for the models marked below
+
+# (model label, settings on top of the cpu preset, also answer AdvBench?)
+MODELS: list[tuple[str, dict[str, object], bool]] = [
+    ("aligned", {"finetune.max_steps": 0}, True),
+    ("sft-sst2-p0", {"attack.ratio": 0.0}, True),
+    ("sft-sst2-p0.1", {"attack.ratio": 0.1}, True),
+    ("base", {"alignment.train.max_steps": 0, "finetune.max_steps": 0}, True),
+    ("sft-sst2-p0.2", {"attack.ratio": 0.2}, False),
+    ("sft-alpaca-p0.1", {"attack.ratio": 0.1, "attack.task": "alpaca"}, True),
+    ("sft-alpaca-p0", {"attack.ratio": 0.0, "attack.task": "alpaca"}, False),
+    ("lisa-sst2-p0.1", {"attack.ratio": 0.1, "defense.name": "lisa", "defense.args": {"k_align": 3, "k_ft": 25}}, False),
+    ("sft-agnews-p0.1", {"attack.ratio": 0.1, "attack.task": "agnews"}, False),
+    ("sft-sst2-p0.05", {"attack.ratio": 0.05}, False),
+    ("sft-gsm8k-p0.1", {"attack.ratio": 0.1, "attack.task": "gsm8k"}, False),
+    ("vaccine-sst2-p0.1", {"attack.ratio": 0.1, "defense.name": "vaccine"}, False),
+]
+
+
+def model_spec(settings: dict[str, object]):
+    settings = dict(settings)
+    args = settings.pop("defense.args", {})
+    spec = apply_overrides(preset("cpu"), {**settings, "evaluation.split": "validation", "evaluation.n_harmful_prompts": N_VALIDATION, "evaluation.n_task_test": 16, "evaluation.judges": ["keyword"]})
+    spec.defense.args = dict(args)
+    return spec
+
+
+def row_id(prompt: str, response: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()[:12]
+
+
+def advbench_answers(record: dict, data_dir) -> list[tuple[str, str]]:
+    """Greedy answers of the run's final model to the AdvBench sample, exactly as the evaluation generates."""
+    from harmbench_ft.evaluation.backends import ServedModel
+    from harmbench_ft.models.loading import load_base, merge_adapter
+    from harmbench_ft.spec import spec_from_dict
+
+    spec = spec_from_dict(record["spec"])
+    model, tokenizer = load_base(spec.model)
+    model = merge_adapter(model, Path(record["artifacts"]["alignment"]))
+    model = merge_adapter(model, Path(record["artifacts"]["final"]))
+    behaviours = [r["prompt"] for r in load_rows("advbench", data_dir)][::5][:N_ADVBENCH]
+    examples = [Example(b) for b in behaviours]
+    backend = get_registry().get("backends", "hf")()
+    served = ServedModel(model, tokenizer, spec.model.name)
+    responses = backend.generate(served, [e.prompt for e in examples], spec.evaluation.max_new_tokens, spec.evaluation.batch_size)
+    return list(zip(behaviours, responses))
+
+
+def collect(out: Path, runs_dir: Path, data_dir, only: list[str] | None) -> None:
+    from harmbench_ft.runner import Runner
+
+    rows: dict[str, dict] = {}
+    if out.is_file():
+        for line in out.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            rows[row["id"]] = row
+    done = {m for r in rows.values() for m in r["models"]}
+    runner = Runner(runs_dir, data_dir)
+    for label, settings, with_advbench in MODELS:
+        if (only and label not in only) or label in done:
+            continue
+        print(f"collecting {label}", file=sys.stderr, flush=True)
+        record = runner.run(model_spec(settings))
+        generations = [json.loads(line) for line in (runs_dir / record["run_id"] / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+        pairs = [("bt-val", g["question"], g["response"]) for g in generations if g["kind"] == "harmful"]
+        if with_advbench:
+            pairs += [("advbench", p, r) for p, r in advbench_answers(record, data_dir)]
+        for prompt_set, prompt, response in pairs:
+            rid = row_id(prompt, response)
+            row = rows.setdefault(rid, {"id": rid, "prompt_set": prompt_set, "prompt": prompt, "response": response, "models": []})
+            row["models"].append(label)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
+        tmp.replace(out)
+        print(f"{label}: {len(pairs)} answers, {len(rows)} unique pairs so far", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--out", default="runs/labelling/answers.jsonl")
+    parser.add_argument("--only", action="append", help="collect only this model label (repeatable)")
+    args = parser.parse_args(argv)
+    collect(Path(args.out), Path(args.runs_dir), args.data_dir, args.only)
+
+
+if __name__ == "__main__":
+    main()
