@@ -340,6 +340,13 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
     df = results_frame(Path(runs_dir), judge)
     if judge is not None and df["HS"].isna().all():
         raise UsageError(f"no record under {runs_dir} holds an HS by judge {judge!r}; re-judge them first: hft-bench rejudge --judge {judge} --runs-dir {runs_dir}")
+    fallback: set[str] = set()
+    if judge is not None:  # a protocol none of whose records holds `judge`'s HS keeps its own headline judge, and says so
+        missing = [pid for pid, sub in df.groupby("protocol") if sub["HS"].isna().all()]
+        if missing:
+            own = results_frame(Path(runs_dir))
+            df = pd.concat([df[~df["protocol"].isin(missing)], own[own["protocol"].isin(missing)]], ignore_index=True)
+            fallback = set(missing)
     if df.empty:
         return []
     out_dir = Path(out_dir)
@@ -365,6 +372,7 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
             + "".join(f"## HS by judge `{c[3:]}`\n\n{judge_table(sub, c[3:])}\n\n" for c in further_judge_columns(sub))
             + f"## Judges' agreement with careful annotation\n\n{agreement_note([first['judge'], *(c[3:] for c in further_judge_columns(sub))])}\n\n"
             + (f"{sub['HS'].isna().sum()} of {len(sub)} records hold no HS by `{first['judge']}` (–): their answers were not stored, so they could not be re-judged.\n\n" if sub["HS"].isna().any() else "")
+            + (f"No record of this protocol holds an HS by `{judge}` (their answers were not stored), so the table is headed by its own judge `{first['judge']}`.\n\n" if proto_id in fallback else "")
             + f"## Defenses\n\n{defenses}\n\n"
             f"## Cost\n\nTraining seconds of each stage (mean over runs; a shared alignment counts for every defense that uses it) "
             f"and seconds per optimizer step relative to SFT.\n\n{cost_table(sub)}\n\n"
