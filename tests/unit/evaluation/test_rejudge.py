@@ -110,3 +110,22 @@ def test_leaderboard_headed_by_a_rejudged_judge_keeps_the_old_column_and_states_
     assert "1 of 2 records hold no HS by `long-answer`" in md
     with pytest.raises(Exception, match="re-judge them first"):
         write_leaderboards(runs, tmp_path / "lb2", judge="keyword+harm-clf")
+
+
+def test_a_protocol_without_the_asked_judge_keeps_its_own_and_says_so(tmp_path, long_answer_judge):
+    runs = tmp_path / "runs"
+    stored_run(runs, ratio=0.1)
+    other = stored_run(runs, ratio=0.2, with_generations=False)  # moved below to another protocol (task)
+    record = json.loads((other / "result.json").read_text())
+    record["spec"]["attack"]["task"] = "agnews"
+    record["run_id"] = "sft-agnews-other"
+    results.write_json(runs / "sft-agnews-other" / "result.json", record)
+    import shutil
+
+    shutil.rmtree(other)
+    assert main(["rejudge", "--judge", "long-answer", "--runs-dir", str(runs)]) == 0
+    written = write_leaderboards(runs, tmp_path / "lb", judge="long-answer")
+    agnews = next(p for p in written if p.suffix == ".md" and "agnews" in p.name).read_text()
+    assert "judge: **keyword**" in agnews and "headed by its own judge `keyword`" in agnews
+    sst2 = next(p for p in written if p.suffix == ".md" and "sst2" in p.name).read_text()
+    assert "judge: **long-answer**" in sst2
