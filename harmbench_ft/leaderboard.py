@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ def chance_accuracy(task: str) -> float | None:
         return None
 
 
+def _warn(message: str) -> None:
+    print(f"hft-bench: {message}", file=sys.stderr)
+
+
 def record_judges(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every judge whose HS the record holds, with its description: the spec's judges, then re-judged ones."""
     spec = record["spec"]
@@ -65,7 +70,7 @@ def results_frame(runs_dir: Path, judge: str | None = None) -> pd.DataFrame:
     """One row per finished record; HS is `judge`'s (default: the spec's first judge), NaN where the record
     does not hold it (a run never judged, or re-judged, by that judge)."""
     rows = []
-    for record in iter_results(runs_dir):
+    for record in iter_results(runs_dir, on_skip=_warn):
         spec = record["spec"]
         proto = protocol_of(spec)
         stages = record.get("stages", {})
@@ -404,7 +409,7 @@ def _keep_records(runs_dir: Path, records_dir: Path) -> list[Path]:
     if records_dir.resolve() == runs_dir.resolve():
         return []
     written = []
-    for record in iter_results(runs_dir):
+    for record in iter_results(runs_dir):  # valid records only: their run id is their folder's name, never a path
         path = records_dir / record["run_id"] / RESULT_FILE
         write_json(path, record)
         written.append(path)

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from harmbench_ft.errors import UsageError
+
 RESULT_VERSION = 1
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
@@ -102,16 +104,47 @@ def provenance() -> dict[str, Any]:
     }
 
 
+class RecordError(UsageError):
+    """A result.json that is not a finished record of this version for the folder it sits in."""
+
+
+def check_record(record: Any, run_dir: Path) -> dict[str, Any]:
+    """A record is trusted only if it is a finished record of this version whose run id is its folder's name.
+
+    The run id is later used as a folder name (leaderboard copies, rejudge), so one read from a file must never
+    be a path: an absolute or ``../`` id would write outside the output folder.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"{run_dir / RESULT_FILE}: not a JSON object")
+    if record.get("version") != RESULT_VERSION:
+        raise RecordError(f"{run_dir / RESULT_FILE}: record version {record.get('version')!r}, this hft-bench reads version {RESULT_VERSION}")
+    if record.get("status") != "finished":
+        raise RecordError(f"{run_dir / RESULT_FILE}: status {record.get('status')!r}, not finished")
+    if record.get("run_id") != run_dir.name:
+        raise RecordError(f"{run_dir / RESULT_FILE}: run id {record.get('run_id')!r} is not its folder's name {run_dir.name!r}")
+    if not isinstance(record.get("metrics"), dict) or not isinstance(record.get("spec"), dict):
+        raise RecordError(f"{run_dir / RESULT_FILE}: no metrics or spec")
+    return record
+
+
 def read_result(run_dir: Path) -> dict[str, Any] | None:
+    """The run's finished record, None if there is none; a damaged or foreign one is a RecordError."""
     path = run_dir / RESULT_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def iter_results(runs_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every finished result under a runs directory (artifacts and unfinished runs are skipped)."""
-    for path in sorted(Path(runs_dir).glob(f"*/{RESULT_FILE}")):
+    try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("status") == "finished":
-            yield record
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{path}: not valid JSON ({exc})") from None
+    return check_record(record, run_dir)
+
+
+def iter_results(runs_dir: Path, on_skip: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Every finished, valid result under a runs directory; any other result.json is skipped and named."""
+    for path in sorted(Path(runs_dir).glob(f"*/{RESULT_FILE}")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            yield check_record(record, path.parent)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecordError) as exc:
+            if on_skip is not None:
+                on_skip(f"skipped {path}: {exc}")

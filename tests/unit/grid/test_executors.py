@@ -145,7 +145,7 @@ def test_run_one_waits_for_a_run_held_by_another_process_and_does_not_redo_it(tm
         while not events and time.time() < deadline:
             time.sleep(0.05)
         assert events and events[0]["event"] == "waiting" and thread.is_alive()
-        results.write_json(run.run_dir / "result.json", {"status": "finished", "metrics": {"harmful_score": 1.0}})
+        results.write_json(run.run_dir / "result.json", {"version": 1, "status": "finished", "run_id": run.run_dir.name, "spec": {}, "metrics": {"harmful_score": 1.0}})
         fcntl.flock(held.fileno(), fcntl.LOCK_UN)
     thread.join(60)
     assert box["outcome"].status == "reused" and box["outcome"].metrics == {"harmful_score": 1.0}

@@ -38,7 +38,7 @@ def test_existing_artifacts_and_results_are_not_waited_for(tmp_path, shared_data
     sft_alignment.mkdir(parents=True)
     (sft_alignment / ARTIFACT_FILE).write_text("{}")
     (runs[2].run_dir).mkdir(parents=True)
-    (runs[2].run_dir / "result.json").write_text(json.dumps({"status": "finished", "metrics": {}}))
+    (runs[2].run_dir / "result.json").write_text(json.dumps({"version": 1, "status": "finished", "run_id": runs[2].run_dir.name, "spec": {}, "metrics": {}}))
     runs = plan(tmp_path, shared_data)
     assert runs[0].ready["alignment"] and runs[1].ready["alignment"] and not runs[0].ready["finetune"]
     assert runs[2].finished and not runs[3].finished
