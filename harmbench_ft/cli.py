@@ -26,8 +26,18 @@ def _key_values(text: str, what: str) -> dict[str, str]:
         if "=" not in part:
             raise UsageError(f"{what}: expected key=value, got {part!r}")
         k, v = part.split("=", 1)
+        if k.strip() in out:
+            raise UsageError(f"{what}: {k.strip()!r} given twice ({out[k.strip()]!r} and {v.strip()!r})")
         out[k.strip()] = v.strip()
     return out
+
+
+def _merge(into: dict[str, str], new: dict[str, str], what: str) -> None:
+    """Add key=value pairs from one more flag; a key given by an earlier flag too is an error, not a silent override."""
+    for k, v in new.items():
+        if k in into and into[k] != v:
+            raise UsageError(f"{what}: {k!r} given twice ({into[k]!r} and {v!r})")
+        into[k] = v
 
 
 ATTACK_KEYS = {"ratio": "attack.ratio", "p": "attack.ratio", "n": "attack.n", "task": "attack.task", "harmful": "attack.harmful_source"}
@@ -46,6 +56,8 @@ def build_spec(args: argparse.Namespace):
     for key, value in _key_values(args.attack or "", "--attack").items():
         if key not in ATTACK_KEYS:
             raise UsageError(f"--attack: unknown key {key!r}; known: {', '.join(sorted(ATTACK_KEYS))}")
+        if ATTACK_KEYS[key] in overrides:  # ratio and p are one setting
+            raise UsageError(f"--attack: {key!r} sets {ATTACK_KEYS[key]}, which another key already set")
         overrides[ATTACK_KEYS[key]] = value
     if args.task:
         overrides["attack.task"] = args.task
@@ -55,11 +67,13 @@ def build_spec(args: argparse.Namespace):
         overrides["evaluation.judges"] = ",".join(args.judge)
     if args.backend:
         overrides["evaluation.backend"] = args.backend
+    settings: dict[str, str] = {}
     for item in args.set or []:
-        overrides.update(_key_values(item, "--set"))
+        _merge(settings, _key_values(item, "--set"), "--set")
+    overrides.update(settings)
     defense_args: dict[str, str] = {}
     for item in args.defense_arg or []:
-        defense_args.update(_key_values(item, "--defense-arg"))
+        _merge(defense_args, _key_values(item, "--defense-arg"), "--defense-arg")
     spec = apply_overrides(spec, overrides)
     spec.defense.args = defense_args
     return spec

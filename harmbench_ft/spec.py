@@ -317,6 +317,10 @@ def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
         except AttributeError:
             problems.append(f"unknown setting {path!r}")
             continue
+        if dataclasses.is_dataclass(getattr(owner, parts[-1])):  # a whole section would reset to built-in defaults
+            leaves = [f"{path}.{f.name}" for f in dataclasses.fields(getattr(owner, parts[-1]))][:3]
+            problems.append(f"{path!r} is a section, not a setting; set its fields, e.g. {', '.join(leaves)}")
+            continue
         try:
             setattr(owner, parts[-1], parse_value(raw, _field_type(owner, parts[-1]), path))
         except UsageError as exc:
@@ -336,6 +340,10 @@ def validate(spec: RunSpec) -> None:
         problems.append(f"attack.ratio must be in [0, 1], got {spec.attack.ratio}")
     if spec.attack.n < 1:
         problems.append(f"attack.n must be >= 1, got {spec.attack.n}")
+    elif spec.attack.ratio > 0 and round(spec.attack.ratio * spec.attack.n) == 0:
+        problems.append(f"attack.ratio={spec.attack.ratio:g} with attack.n={spec.attack.n} gives no poison row (round(p*n) = 0); raise n or p")
+    elif spec.attack.ratio < 1 and round(spec.attack.ratio * spec.attack.n) == spec.attack.n:
+        problems.append(f"attack.ratio={spec.attack.ratio:g} with attack.n={spec.attack.n} gives no benign row; raise n or use ratio 1")
     for name, train in (("alignment.train", spec.alignment.train), ("finetune", spec.finetune)):
         if train.batch_size < 1:
             problems.append(f"{name}.batch_size must be >= 1")

@@ -69,3 +69,25 @@ def test_the_run_summary_shows_every_judges_hs(capsys):
     out = capsys.readouterr().out
     assert "judge keyword+harm-clf" in out and "30.0" in out
     assert "HS, judge keyword (HS+)" in out and "49.0 (50.5)" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--set", "finetune=1"], "'finetune' is a section, not a setting"),
+        (["--set", "alignment.train=1"], "'alignment.train' is a section"),
+        (["--attack", "ratio=0.1,ratio=0.2"], "'ratio' given twice"),
+        (["--attack", "ratio=0.1,p=0.2"], "'p' sets attack.ratio"),
+        (["--defense-arg", "rho=1", "--defense-arg", "rho=2"], "--defense-arg: 'rho' given twice"),
+        (["--set", "finetune.lr=1e-4", "--set", "finetune.lr=2e-4"], "--set: 'finetune.lr' given twice"),
+        (["--attack", "ratio=0.1,n=1"], "gives no poison row"),
+        (["--attack", "ratio=0.99,n=10"], "gives no benign row"),
+    ],
+)
+def test_conflicting_or_meaningless_inputs_are_one_line_errors(tmp_path, capsys, argv, message):
+    from harmbench_ft.cli import main
+
+    assert main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
