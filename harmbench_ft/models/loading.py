@@ -119,10 +119,18 @@ def add_lora(model, train: TrainConfig):
     return get_peft_model(model, config)
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+    """Load a saved LoRA adapter: safetensors only (PEFT would also unpickle an adapter_model.bin)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        found = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
+        raise UsageError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (found {found or 'nothing'}); adapters are loaded from safetensors only")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, use_safetensors=True)
 
 
 def merge_adapter(model, adapter_dir: Path):

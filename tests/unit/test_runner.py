@@ -108,3 +108,19 @@ def test_zero_finetune_steps_evaluate_the_aligned_model(tmp_path, shared_data):
     adapter = load_file(str(Path(record["artifacts"]["finetune"]) / "adapter_model.safetensors"))
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(bool((t == 0).all()) for t in lora_b)  # nothing merged on top of the alignment
+
+
+def test_adapters_load_from_safetensors_only(tmp_path):
+    import torch
+
+    from harmbench_ft.errors import UsageError
+    from harmbench_ft.models.loading import load_adapter
+    from harmbench_ft.models.tiny import build_tiny
+
+    model, _ = build_tiny("tiny-llama")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    torch.save({}, folder / "adapter_model.bin")  # a pickle: never loaded
+    with pytest.raises(UsageError, match="adapters are loaded from safetensors only"):
+        load_adapter(model, folder)

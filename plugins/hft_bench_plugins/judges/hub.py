@@ -35,7 +35,7 @@ def load_judge_model(judge: str, model_id: str, auto_class: str, padding_side: s
     def load():
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_id, padding_side=padding_side)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = getattr(transformers, auto_class).from_pretrained(model_id, dtype=dtype)
+        model = getattr(transformers, auto_class).from_pretrained(model_id, dtype=dtype, use_safetensors=True)  # never a pickle
         return model.to(device).eval(), tokenizer
 
     return load_or_explain(judge, model_id, load)
