@@ -119,6 +119,8 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
         if n_benign + test_size > len(order):
             raise UsageError(f"evaluation.split=validation needs {test_size} {task.train_source} rows beyond the {n_benign} uploaded, but it has {len(order)}")
         test_rows = [benign_rows[i] for i in order[len(order) - test_size :]]
+    if len(test_rows) < test_size or not test_rows:
+        raise UsageError(f"{task.test_source}: the fine-tune accuracy needs {test_size} rows but the split has {len(test_rows)}; set evaluation.n_task_test to at most {len(test_rows)}" if test_rows else f"{task.test_source}: the test split is empty")
     task_test = [(task.example(r), r) for r in test_rows[:test_size]]
 
     data = RunData(alignment, harmful, harmful_refusals, benign + poison, n_poison, hs_prompts, task_test)

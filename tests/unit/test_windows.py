@@ -86,3 +86,10 @@ def test_the_validation_split_evaluates_on_held_out_training_data_and_trains_on_
     uploaded = {e.input for e in val.user[: len(val.user) - val.n_poison]}
     assert not {e.input for e, _ in val.task_test} & uploaded
     assert {e.input for e, _ in val.task_test} != {e.input for e, _ in test.task_test}
+
+
+def test_too_few_task_test_rows_is_an_error_naming_split_and_counts(shared_data):
+    from harmbench_ft.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"sst2-validation: the fine-tune accuracy needs 5000 rows but the split has 872"):
+        data_for(shared_data, **{"evaluation.n_task_test": 5000})
