@@ -295,6 +295,8 @@ def parse_value(raw: Any, typ: Any, path: str) -> Any:
             raise ValueError
         if typ is int and isinstance(raw, float) and not raw.is_integer():
             raise ValueError
+        if typ in (int, float) and isinstance(raw, bool):  # TOML `true` is not the number 1
+            raise ValueError
         return typ(raw)
     except (TypeError, ValueError):
         raise UsageError(f"{path}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from None
@@ -368,6 +370,8 @@ def validate(spec: RunSpec) -> None:
         problems.append("evaluation.n_harmful_prompts must be >= 1")
     if not spec.evaluation.judges:
         problems.append("evaluation.judges must name at least one judge")
+    elif len(set(spec.evaluation.judges)) != len(spec.evaluation.judges):
+        problems.append(f"evaluation.judges names a judge twice: {spec.evaluation.judges}")
     if spec.evaluation.split not in EVAL_SPLITS:
         problems.append(f"evaluation.split must be one of {', '.join(EVAL_SPLITS)}, got {spec.evaluation.split!r}")
     if problems:

@@ -25,6 +25,7 @@ Example (docs/grids.md has the full reference)::
 from __future__ import annotations
 
 import itertools
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,4 +176,10 @@ def expand(grid: Grid) -> list[RunSpec]:
             raise UsageError(f"{grid.source}: {exc}") from None
         spec.defense.args = dict(grid.defense_args.get(defense, {}))
         specs.append(spec)
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):  # e.g. ratios ["0.1", "1e-1"]: two entries, one run
+        key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+        if key in seen:
+            raise UsageError(f"{grid.source}: runs {seen[key] + 1} and {i + 1} are the same run ({spec.defense.name}, {spec.attack.task}, p={spec.attack.ratio:g}, seed {spec.seed}); list each value once")
+        seen[key] = i
     return specs

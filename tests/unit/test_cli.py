@@ -91,3 +91,8 @@ def test_conflicting_or_meaningless_inputs_are_one_line_errors(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_judge_named_twice_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--judge", "keyword", "--judge", "keyword"]) == 2
+    assert "names a judge twice" in capsys.readouterr().err

@@ -97,3 +97,22 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "unknown executor 'slurm'; known: local, ray" in capsys.readouterr().err
     assert main(["grid", str(write(tmp_path, GRID)), "--ray-address", "auto", "--dry-run"]) == 2
     assert "executor 'local' takes no option(s) address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "axes,expected",
+    [
+        ('ratios = ["0.1", "1e-1"]\nseeds = [0]', "are the same run"),
+        ('ratios = [0.1]\nseeds = [true]', "cannot read True as int"),
+        ('ratios = [0.1]\nseeds = [0]\njudges = ["keyword", "keyword"]', "lists keyword more than once"),
+    ],
+)
+def test_duplicated_or_mistyped_axes_are_one_line_errors(tmp_path, axes, expected):
+    path = tmp_path / "grid.toml"
+    path.write_text(f'preset = "tiny"\ndefenses = ["sft"]\ntasks = ["sst2"]\n{axes}\n')
+    with pytest.raises(UsageError, match=expected):
+        specs = expand(load_grid(path))
+        from harmbench_ft.runner import resolve
+
+        for spec in specs:
+            resolve(spec)
