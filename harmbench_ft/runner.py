@@ -28,7 +28,7 @@ from harmbench_ft.defense import Defense, PostContext, Stage
 from harmbench_ft.evaluation.backends import ServedModel
 from harmbench_ft.evaluation.evaluate import evaluate
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
-from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, load_adapter, load_base, merge_adapter, trainable_parameters
+from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, check_model_name, load_adapter, load_base, merge_adapter, trainable_parameters
 from harmbench_ft.plugins import emit, get_registry
 from harmbench_ft.spec import RunSpec, stable_hash, validate
 from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
@@ -43,6 +43,7 @@ def resolve(spec: RunSpec) -> tuple[RunSpec, Defense]:
     """Validate the spec and fill in what it leaves to a plugin (the defense's default arguments, the
     task's answer budget), so the hash is canonical."""
     validate(spec)
+    check_model_name(spec.model)
     registry = get_registry()
     defense_cls = registry.get("defenses", spec.defense.name)
     params = defense_cls.make_params(spec.defense.args)

@@ -79,6 +79,15 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def check_model_name(spec: ModelSpec) -> None:
+    """A name that can only be a local folder must be one (checked before any data is read or step is taken)."""
+    name = spec.name
+    if name in TINY_MODELS or name in ALIASES:
+        return
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().is_dir():
+        raise UsageError(f"model {name!r}: no such local folder (a hub id has the form owner/name)")
+
+
 def load_base(spec: ModelSpec):
     """The base model (float32, eval mode) and its tokenizer; pad = EOS, never a new token."""
     quiet_transformers()
@@ -90,6 +99,7 @@ def load_base(spec: ModelSpec):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model_path(spec.name)
+        check_model_name(spec)
         kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

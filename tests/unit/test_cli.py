@@ -96,3 +96,9 @@ def test_conflicting_or_meaningless_inputs_are_one_line_errors(tmp_path, capsys,
 def test_a_judge_named_twice_is_a_one_line_error(tmp_path, capsys):
     assert main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--judge", "keyword", "--judge", "keyword"]) == 2
     assert "names a judge twice" in capsys.readouterr().err
+
+
+def test_a_missing_local_model_folder_is_named(tmp_path, capsys):
+    assert main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "no such local folder" in err and "Repo id" not in err
