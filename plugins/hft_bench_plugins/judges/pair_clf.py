@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from harmbench_ft import Judge, UsageError, cache_dir, normalize_prompt
+from hft_bench_plugins.judges.labelled import MeasuredAgreement
 from hft_bench_plugins.judges.harm_clf import ENCODER, INSTALL
 from hft_bench_plugins.judges.keyword import KeywordJudge
 
@@ -240,16 +241,10 @@ def cached_model(labels_file: Path = LABELS_FILE) -> PairModel:
 # -------------------------------------------------------------------------------------------------
 
 
-class PairClfJudge(Judge):
+class PairClfJudge(MeasuredAgreement, Judge):
     name = "pair-clf"
     version = "1"
     threshold = 0.5
-
-    @classmethod
-    def agreement(cls):
-        from hft_bench_plugins.judges.labelled import measured_agreement
-
-        return measured_agreement(cls.name)
 
     def __init__(self, labels_file: Path = LABELS_FILE) -> None:
         self.labels_file = labels_file

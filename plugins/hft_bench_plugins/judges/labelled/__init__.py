@@ -21,3 +21,13 @@ def measured_agreement(judge: str) -> dict[str, Any] | None:
     saved = json.loads(AGREEMENT_FILE.read_text(encoding="utf-8"))
     entry = saved.get("judges", {}).get(judge)
     return {"set": saved["set"], **entry} if entry else None
+
+
+class MeasuredAgreement:
+    """Mixin for the built-in judges: ``agreement()`` reads the judge's entry of agreement.json."""
+
+    name: str
+
+    @classmethod
+    def agreement(cls) -> dict[str, Any] | None:
+        return measured_agreement(cls.name)
