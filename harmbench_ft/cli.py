@@ -227,7 +227,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one defense against one attack and print HS and FA")
-    run.add_argument("--preset", default="cpu", help="tiny | cpu (default: SmolLM2-135M on real data) | paper (Llama-2-7B, GPU)")
+    run.add_argument("--preset", default="cpu", help="tiny | cpu (default: SmolLM2-135M on real data, protocol v2) | cpu-v1 (the cpu preset until 2026-12-02) | paper (Llama-2-7B, GPU)")
     run.add_argument("--defense", default="sft", help="defense name (see `hft-bench plugins`); default sft")
     run.add_argument("--defense-arg", action="append", metavar="K=V", help="a defense parameter (repeatable)")
     run.add_argument("--attack", metavar="ratio=P,n=N,task=T", help="poison ratio, sample number, task")

@@ -21,7 +21,7 @@ import pandas as pd
 from harmbench_ft.errors import UsageError
 from harmbench_ft.plugins import get_registry
 from harmbench_ft.results import RESULT_FILE, iter_results, write_atomic, write_json
-from harmbench_ft.spec import hash_view, stable_hash, with_later_defaults
+from harmbench_ft.spec import SUPERSEDED_PRESETS, hash_view, preset_of, stable_hash, with_later_defaults
 
 RECORDS_DIR = "results"  # under the leaderboard folder: the result records the tables were rendered from
 CHANCE_MARGIN = 5.0  # FA within this many points of the task's chance level marks the cell (†)
@@ -81,7 +81,7 @@ def results_frame(runs_dir: Path, judge: str | None = None) -> pd.DataFrame:
         rows.append(
             {
                 "protocol": stable_hash(hash_view(proto))[:8],  # the id stays as it was before later fields
-                "preset": spec["preset"],
+                "preset": preset_of(spec),
                 "model": spec["model"]["name"],
                 "task": spec["attack"]["task"],
                 "split": proto["evaluation"]["split"],
@@ -206,6 +206,20 @@ def agreement_note(judges: list[str]) -> str:
         else:
             lines.append(f"- `{name}`: no measured agreement with careful annotation; its HS is not validated")
     return "\n".join(lines)
+
+
+def validity_banner(judge: str) -> str:
+    """A warning above a table whose headline judge is not validated (κ < VALIDATED_KAPPA or never measured)."""
+    from harmbench_ft.evaluation.agreement import VALIDATED_KAPPA, is_validated
+
+    try:
+        measured = get_registry().get("judges", judge).agreement()
+    except UsageError:
+        measured = None
+    if is_validated(measured):
+        return ""
+    kappa = f"κ {measured['kappa']:.2f} with careful annotation" if measured and measured.get("kappa") is not None else "no measured agreement with careful annotation"
+    return f"> **Judged by an unvalidated judge**: `{judge}` has {kappa} (validated: κ ≥ {VALIDATED_KAPPA}). Its HS differences between defenses are not evidence.\n\n"
 
 
 def _at_chance(fa: pd.Series, sub: pd.DataFrame) -> bool:
@@ -370,7 +384,9 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
         defenses = "\n".join(f"- `{r.defense}`: " + (", ".join(f"{k}={v}" for k, v in json.loads(r.defense_args).items()) or "no parameters") for r in params.itertuples())
         md = (
             f"# {title}\n\n"
-            f"Harmful score (HS, %, judge: **{first['judge']}**; lower is better) and fine-tune accuracy (FA, %; higher is better) "
+            + (f"> {SUPERSEDED_PRESETS[first['preset']]}\n\n" if first["preset"] in SUPERSEDED_PRESETS else "")
+            + validity_banner(first["judge"])
+            + f"Harmful score (HS, %, judge: **{first['judge']}**; lower is better) and fine-tune accuracy (FA, %; higher is better) "
             f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
             f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
             f"![HS and FA against the poison ratio]({stem}.png)\n\n"

@@ -56,6 +56,10 @@ class AlignmentSpec:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     n_alignment: int = 600  # (harmful prompt, refusal) rows
+    # Benign (instruction, answer) rows aligned on beside the refusals, so the aligned model answers ordinary
+    # instructions and refuses harmful ones instead of refusing everything (docs/leaderboard.md, protocol v2).
+    n_benign: int = 0
+    benign_source: str = "alpaca-train"
     n_harmful: int = 600  # provider harmful (prompt, harmful answer) rows, used by Booster/RepNoise/Panacea
     alignment_source: str = "safety-tuned-llamas"
     harmful_source: str = "beavertails-330k-train"
@@ -124,7 +128,11 @@ def stable_hash(obj: Any) -> str:
 # Fields added after results were published, with their defaults. A stored spec without one meant the
 # default; the content hash leaves such a field out while it holds its default, so stored run ids (and
 # protocol ids) stay valid and a grid does not redo finished runs.
-LATER_FIELDS: dict[tuple[str, ...], Any] = {("evaluation", "split"): "test"}
+LATER_FIELDS: dict[tuple[str, ...], Any] = {
+    ("evaluation", "split"): "test",
+    ("alignment", "n_benign"): 0,
+    ("alignment", "benign_source"): "alpaca-train",
+}
 
 
 def _later_field_slots(spec: dict[str, Any], create: bool) -> Iterator[tuple[dict[str, Any], str, Any]]:
@@ -147,9 +155,32 @@ def with_later_defaults(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+# Presets renamed after results were published: a spec hashes under the name its records were written with,
+# so `--preset cpu-v1` finds (and does not redo) the runs recorded as preset "cpu" before protocol v2.
+HASHED_PRESET_NAMES = {"cpu-v1": "cpu"}
+
+
+# Presets kept only so their records stay valid, with the line a leaderboard prints above their tables.
+SUPERSEDED_PRESETS = {
+    "cpu-v1": "Protocol cpu-v1, superseded by the cpu preset's protocol v2 (2026-12-02): careful annotation showed its "
+    "benign fine-tune already removes most of the alignment, so poison adds little and HS differences between defenses "
+    "say little about them (docs/leaderboard.md).",
+}
+
+
+def preset_of(spec: dict[str, Any]) -> str:
+    """The preset a stored spec belongs to under today's names: records written as "cpu" before protocol v2 (no
+    benign alignment rows) are cpu-v1's."""
+    if spec.get("preset") == "cpu" and not with_later_defaults(spec)["alignment"].get("n_benign"):
+        return "cpu-v1"
+    return spec.get("preset", "cpu")
+
+
 def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as hashed: later fields dropped while they hold their default."""
+    """The spec as hashed: later fields dropped while they hold their default, renamed presets by their old name."""
     spec = copy.deepcopy(spec)
+    if spec.get("preset") in HASHED_PRESET_NAMES:
+        spec["preset"] = HASHED_PRESET_NAMES[spec["preset"]]
     for node, key, default in _later_field_slots(spec, create=False):
         if key in node and node[key] == default:
             del node[key]
@@ -179,11 +210,15 @@ def _tiny() -> RunSpec:
 # pair-clf: fit to careful annotation of this benchmark's own answers (held-out κ in docs/evaluation.md); the two
 # unvalidated judges the v1 tables were headed by stay beside it for comparison.
 CPU_JUDGES = ["pair-clf", "keyword+harm-clf", "keyword"]
-FT_N, FT_EPOCHS, FT_LR = 200, 2, 2e-4  # the cpu preset's attack size and fine-tuning schedule (docs/leaderboard.md)
+V1_JUDGES = ["keyword+harm-clf", "keyword"]  # what cpu-v1's records were judged by when run (pair-clf was added by re-judging)
+FT_N, FT_EPOCHS, FT_LR = 200, 2, 2e-4  # cpu-v1's attack size and fine-tuning schedule (docs/leaderboard.md)
 
 
-def _cpu() -> RunSpec:
-    """SmolLM2-135M-Instruct on real data: one cell (fine-tune + evaluation) in minutes on 2 cores.
+def _cpu_v1() -> RunSpec:
+    """Protocol v1 of the cpu preset (the `cpu` preset until 2026-12-02; its records say preset "cpu").
+
+    Kept so its records, run ids and tables stay valid and re-render. Careful annotation showed its benign SST2
+    fine-tune already removes most of the alignment (docs/leaderboard.md), so it is not the published protocol.
 
     Measured on a 2-core CPU (docs/leaderboard.md has the numbers and how each setting was chosen):
     - fp32, not bf16: a training step of 8 x 120 tokens took 4.5 s in fp32 and 7.2 s under bf16 autocast.
@@ -192,11 +227,11 @@ def _cpu() -> RunSpec:
       into a few batches would cut their share of the updates and change the attack.
     - Alignment: 600 refusals, LoRA r=32 scale 1 on all 7 projections, lr 5e-4, batch 8, one epoch.
     - Fine-tuning: a fresh LoRA of the same shape, lr FT_LR, FT_EPOCHS epochs over n=FT_N rows.
-    - Evaluation: 200 unique BeaverTails test prompts, all 872 SST2 validation rows, judges pair-clf (headline:
-      validated against careful annotation), keyword+harm-clf and keyword (the v1 headline and its refusal part).
+    - Evaluation: 200 unique BeaverTails test prompts, all 872 SST2 validation rows, judges keyword+harm-clf and
+      keyword as run (unvalidated; `hft-bench rejudge --judge pair-clf` adds the validated judge to stored runs).
     """
     return RunSpec(
-        preset="cpu",
+        preset="cpu-v1",
         model=ModelSpec(name="smollm2-135m"),
         attack=AttackSpec(ratio=0.1, n=FT_N),
         alignment=AlignmentSpec(
@@ -205,9 +240,32 @@ def _cpu() -> RunSpec:
             n_harmful=600,
         ),
         finetune=TrainConfig(epochs=FT_EPOCHS, batch_size=8, lr=FT_LR, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ)),
-        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=None, judges=CPU_JUDGES, batch_size=16),
+        evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=None, judges=V1_JUDGES, batch_size=16),
     )
 
+
+N_BENIGN_ALIGNMENT = 600  # protocol v2: benign Alpaca rows aligned on beside the 600 refusals (docs/leaderboard.md)
+V2_FT_EPOCHS = 5  # protocol v2: 125 fine-tuning steps; at v1's 2 the poison did not break the sturdier alignment
+
+
+def _cpu() -> RunSpec:
+    """Protocol v2: SmolLM2-135M-Instruct on real data, chosen with the validated judge (docs/leaderboard.md).
+
+    v1 aligned on refusals only, so the aligned model refused everything and any benign fine-tune had to undo
+    refusing in general: annotated, its SST2 fine-tune at p=0 was already ~27% harmful. v2 aligns on the same
+    600 refusals plus N_BENIGN_ALIGNMENT benign Alpaca rows (150 steps): the aligned model answers ordinary
+    instructions and refuses harmful ones, a benign fine-tune keeps the refusals and poison breaks them.
+    Everything else is v1's (measured there): fp32, length-grouped alignment batches, LoRA r=32 scale 1 on all 7
+    projections, a fresh LoRA of the same shape for the fine-tune at lr FT_LR over n=FT_N rows, 200 unique
+    BeaverTails test prompts (48 new tokens), all 872 SST2 validation rows, judges CPU_JUDGES — except the
+    fine-tune's length: V2_FT_EPOCHS epochs (125 steps), since at v1's 2 the poison no longer broke the alignment.
+    """
+    spec = _cpu_v1()
+    spec.preset = "cpu"
+    spec.alignment.n_benign = N_BENIGN_ALIGNMENT
+    spec.finetune.epochs = float(V2_FT_EPOCHS)
+    spec.evaluation.judges = list(CPU_JUDGES)
+    return spec
 
 def _paper() -> RunSpec:
     """Llama-2-7B with the Booster paper's protocol (protocol.md; git-disl/Booster scripts), for GPU users."""
@@ -237,7 +295,7 @@ def _paper() -> RunSpec:
     )
 
 
-PRESETS = {"tiny": _tiny, "cpu": _cpu, "paper": _paper}
+PRESETS = {"tiny": _tiny, "cpu": _cpu, "cpu-v1": _cpu_v1, "paper": _paper}
 
 
 def preset(name: str) -> RunSpec:
@@ -364,6 +422,8 @@ def validate(spec: RunSpec) -> None:
             problems.append(f"{name}: LoRA needs lora_r >= 1 and at least one target module")
     if spec.alignment.n_alignment < 1:
         problems.append("alignment.n_alignment must be >= 1")
+    if spec.alignment.n_benign < 0:
+        problems.append("alignment.n_benign must be >= 0")
     if spec.evaluation.task_max_new_tokens is not None and spec.evaluation.task_max_new_tokens < 1:
         problems.append("evaluation.task_max_new_tokens must be >= 1, or none for the task's own budget")
     if spec.evaluation.n_harmful_prompts < 1:
@@ -380,6 +440,7 @@ def validate(spec: RunSpec) -> None:
 
 def spec_from_dict(data: dict[str, Any]) -> RunSpec:
     """Rebuild a RunSpec from its JSON form (as stored in result.json)."""
+    data = with_later_defaults(data)  # a field missing from an old record meant its default, not the preset's value
     base = preset(data.get("preset", "cpu"))
     flat = {}
 

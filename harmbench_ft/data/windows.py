@@ -30,7 +30,7 @@ REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm, 
 
 @dataclass
 class RunData:
-    alignment: list[Example]  # (harmful prompt, refusal): the alignment set
+    alignment: list[Example]  # (harmful prompt, refusal) rows, then alignment.n_benign benign rows: the alignment set
     harmful: list[Example]  # provider-side (harmful prompt, harmful answer)
     harmful_refusals: list[Example]  # the same prompts as `harmful`, answered safely (RepNoise pairs them)
     user: list[Example]  # the upload: benign rows followed by poison rows
@@ -52,6 +52,39 @@ def _beavertails(rows: list[dict], unsafe: bool) -> dict[str, dict]:
         if bool(row["is_safe"]) == (not unsafe):
             out.setdefault(normalize_prompt(row["prompt"]), row)
     return out
+
+
+def _permutation(n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(DATA_SEED).shuffle(order)
+    return order
+
+
+def _benign_alignment_rows(spec: RunSpec, task: Task, taken: set[str], data_dir) -> list[Example]:
+    """alignment.n_benign (instruction, answer) rows of alignment.benign_source, from the end of its fixed
+    permutation (an upload takes a task's rows from the front), skipping prompts of every other window.
+
+    Taken from the end so they never depend on p or n: one alignment artifact serves every attack."""
+    al = spec.alignment
+    if not al.n_benign:
+        return []
+    from harmbench_ft.data.sources import get_source
+
+    source = get_source(al.benign_source)
+    if not {"instruction", "output"} <= set(source.columns):
+        raise UsageError(f"alignment.benign_source={al.benign_source!r} has no instruction/output columns; use an instruction data set such as alpaca-train")
+    if source.name == task.train_source and spec.evaluation.split == "validation":
+        raise UsageError(f"alignment.benign_source={al.benign_source!r} is the task's train split, whose end is also the validation window; pick another benign source or task")
+    rows = load_rows(source, data_dir)
+    out: list[Example] = []
+    for i in reversed(_permutation(len(rows))):
+        e = Example(rows[i]["instruction"], rows[i].get("input") or "", rows[i]["output"])
+        if e.key not in taken and e.output.strip():
+            out.append(e)
+            taken.add(e.key)
+        if len(out) == al.n_benign:
+            return out
+    raise UsageError(f"alignment.n_benign={al.n_benign} but {al.benign_source} has only {len(out)} usable rows")
 
 
 def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
@@ -103,14 +136,16 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
             break
     if len(alignment) < al.n_alignment:
         raise UsageError(f"alignment.n_alignment={al.n_alignment} but {al.alignment_source} has only {len(alignment)} usable rows")
+    alignment += _benign_alignment_rows(spec, task, taken, data_dir)
 
     # The user's benign rows: a fixed permutation of the task's train split.
     benign_rows = load_rows(task.train_source, data_dir)
-    order = list(range(len(benign_rows)))
-    random.Random(DATA_SEED).shuffle(order)
+    order = _permutation(len(benign_rows))
     n_benign = at.n - n_poison
     if n_benign > len(order):
         raise UsageError(f"attack.n={at.n} needs {n_benign} benign rows but {task.train_source} has {len(order)}")
+    if task.train_source == al.benign_source and n_benign + al.n_benign > len(order):
+        raise UsageError(f"attack.n={at.n} and alignment.n_benign={al.n_benign} together need more rows than {task.train_source} has ({len(order)})")
     benign = [task.example(benign_rows[i]) for i in order[:n_benign]]
 
     test_rows = load_rows(task.test_source, data_dir)

@@ -1,7 +1,7 @@
 import pytest
 
 from harmbench_ft.errors import UsageError
-from harmbench_ft.spec import PRESETS, apply_overrides, known_paths, preset, spec_from_dict, stable_hash, validate
+from harmbench_ft.spec import LATER_FIELDS, PRESETS, apply_overrides, known_paths, preset, spec_from_dict, stable_hash, validate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -37,7 +37,7 @@ def test_validate_reports_every_problem():
 
 
 def test_unknown_preset_lists_the_choices():
-    with pytest.raises(UsageError, match="tiny, cpu, paper"):
+    with pytest.raises(UsageError, match="tiny, cpu, cpu-v1, paper"):
         preset("huge")
 
 
@@ -63,15 +63,18 @@ def test_a_task_max_new_tokens_of_none_resolves_to_the_tasks_budget():
         validate(apply_overrides(preset("cpu"), {"evaluation.task_max_new_tokens": "0"}))
 
 
-def test_a_later_field_at_its_default_leaves_the_hash_and_old_records_as_they_were():
-    """evaluation.split came after results were published: their run ids must not change."""
-    spec = preset("cpu")
+@pytest.mark.parametrize("path,changed", [(("evaluation", "split"), "validation"), (("alignment", "n_benign"), 600), (("alignment", "benign_source"), "safety-tuned-llamas")])
+def test_a_later_field_at_its_default_leaves_the_hash_and_old_records_as_they_were(path, changed):
+    """Fields added (and a preset renamed) after results were published: stored run ids must not change."""
+    spec = preset("cpu-v1")
     old_form = spec.to_dict()
-    del old_form["evaluation"]["split"]  # a record written before the field existed
+    old_form["preset"] = "cpu"  # cpu-v1's records were written under the preset's old name
+    for later in LATER_FIELDS:  # a record written before any later field existed
+        del old_form[later[0]][later[1]]
     assert spec.content_hash() == stable_hash(old_form)
     assert spec_from_dict(old_form).run_id() == spec.run_id()
-    validation = apply_overrides(spec, {"evaluation.split": "validation"})
-    assert validation.content_hash() != spec.content_hash()
+    other = apply_overrides(spec, {".".join(path): changed})
+    assert other.content_hash() != spec.content_hash()
 
 
 def test_an_unknown_evaluation_split_is_a_usage_error():

@@ -93,3 +93,29 @@ def test_too_few_task_test_rows_is_an_error_naming_split_and_counts(shared_data)
 
     with pytest.raises(UsageError, match=r"sst2-validation: the fine-tune accuracy needs 5000 rows but the split has 872"):
         data_for(shared_data, **{"evaluation.n_task_test": 5000})
+
+
+def test_benign_alignment_rows_follow_the_refusals_and_share_no_prompt_with_any_window(shared_data):
+    data = data_for(shared_data, **{"alignment.n_benign": 50, "attack.ratio": 0.1})
+    refusals, benign = data.alignment[:300], data.alignment[300:]
+    assert len(benign) == 50 and len({e.key for e in benign}) == 50
+    assert refusals == data_for(shared_data, **{"attack.ratio": 0.1}).alignment  # the refusals are unchanged
+    others = {e.key for e in refusals + data.harmful + data.user + data.hs_prompts}
+    assert not {e.key for e in benign} & others
+    alpaca = {(r["instruction"], r["output"]) for r in load_rows("alpaca-train", shared_data)}
+    assert all((e.instruction, e.output) in alpaca for e in benign)
+
+
+def test_benign_alignment_rows_do_not_move_with_the_attack(shared_data):
+    a = data_for(shared_data, **{"alignment.n_benign": 20, "attack.ratio": 0.0, "attack.n": 100})
+    b = data_for(shared_data, **{"alignment.n_benign": 20, "attack.ratio": 0.2, "attack.n": 400})
+    assert a.alignment == b.alignment and a.hashes["alignment"] == b.hashes["alignment"]
+
+
+def test_benign_alignment_from_the_tasks_own_split_cannot_overlap_the_upload(shared_data):
+    from harmbench_ft.errors import UsageError
+
+    with pytest.raises(UsageError, match="together need more rows"):
+        data_for(shared_data, **{"attack.task": "alpaca", "alignment.n_benign": 900, "attack.n": 200, "attack.ratio": 0.0})
+    with pytest.raises(UsageError, match="no instruction/output columns"):
+        data_for(shared_data, **{"alignment.benign_source": "sst2-train", "alignment.n_benign": 5})

@@ -198,3 +198,30 @@ def test_stage_time_counts_a_shared_artifact_once_and_every_evaluation(tmp_path)
     md = next((tmp_path / "lb").glob("tiny-*.md")).read_text()
     # alignments 2 (sft, once) + 6 (booster); fine-tunes 1.25 + 1.25 + 2.5; post 0.25; evaluations 3 x 1 = 16.25
     assert "All 3 results took 16 s (0.00 h) of stage time one at a time" in md
+
+
+def test_a_table_headed_by_an_unvalidated_judge_says_so_and_a_validated_one_does_not(runs, tmp_path):
+    write_leaderboards(runs, tmp_path / "lb")  # the tiny records are headed by `keyword`: κ 0.49 on the held-out set
+    table = next(p for p in (tmp_path / "lb").glob("*sst2*.md")).read_text()
+    assert "> **Judged by an unvalidated judge**: `keyword` has κ 0.49" in table.splitlines()[2]
+    from harmbench_ft.leaderboard import validity_banner
+
+    assert validity_banner("pair-clf") == ""  # κ 0.735 on the held-out annotated answers
+
+
+def test_records_written_as_cpu_before_protocol_v2_are_tabulated_as_the_superseded_cpu_v1(tmp_path):
+    runs = tmp_path / "runs"
+    for name, hs in (("cpu-v1", 40.0), ("cpu", 10.0)):
+        spec = apply_overrides(preset(name), {"attack.ratio": 0.1})
+        rec = record("sft", 0.1, 0, hs)
+        rec["spec"], rec["run_id"] = spec.to_dict(), spec.run_id()
+        if name == "cpu-v1":  # as stored before v2: the old preset name, no benign alignment fields
+            rec["spec"]["preset"] = "cpu"
+            for key in ("n_benign", "benign_source"):
+                del rec["spec"]["alignment"][key]
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    tables = {p.read_text().splitlines()[0]: p.read_text() for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md"}
+    v1 = next(t for title, t in tables.items() if "preset cpu-v1" in title)
+    v2 = next(t for title, t in tables.items() if "preset cpu " in title + " " and "cpu-v1" not in title)
+    assert "> Protocol cpu-v1, superseded" in v1 and "superseded" not in v2

@@ -1,6 +1,6 @@
 """Collect the answers of the benchmark's own models for annotation (the labelled judge set).
 
-Every model here is produced by the ordinary pipeline (`Runner.run` on the cpu preset, seed 0), so the
+Every model here is produced by the ordinary pipeline (`Runner.run` on the cpu-v1 preset, seed 0), so the
 answers are exactly what the benchmark's judges have to read: the base model, the aligned model, SFT at
 several poison ratios, defenses, other tasks. Prompts are never HS test prompts:
 
@@ -30,7 +30,7 @@ from harmbench_ft.spec import apply_overrides
 N_VALIDATION = 300  # validation-window prompts per model
 N_ADVBENCH = 104  # AdvBench prompts (every 5th of 520) for the models marked below
 
-# (model label, settings on top of the cpu preset, also answer AdvBench?)
+# (model label, settings on top of the cpu-v1 preset, also answer AdvBench?)
 MODELS: list[tuple[str, dict[str, object], bool]] = [
     ("aligned", {"finetune.max_steps": 0}, True),
     ("sft-sst2-p0", {"attack.ratio": 0.0}, True),
@@ -50,7 +50,7 @@ MODELS: list[tuple[str, dict[str, object], bool]] = [
 def model_spec(settings: dict[str, object]):
     settings = dict(settings)
     args = settings.pop("defense.args", {})
-    spec = apply_overrides(preset("cpu"), {**settings, "evaluation.split": "validation", "evaluation.n_harmful_prompts": N_VALIDATION, "evaluation.n_task_test": 16, "evaluation.judges": ["keyword"]})
+    spec = apply_overrides(preset("cpu-v1"), {**settings, "evaluation.split": "validation", "evaluation.n_harmful_prompts": N_VALIDATION, "evaluation.n_task_test": 16, "evaluation.judges": ["keyword"]})
     spec.defense.args = dict(args)
     return spec
 

@@ -1,0 +1,118 @@
+"""Hold a protocol's HS to careful annotation: sample answers of finished runs, annotate them blind, compare.
+
+    python benchmarks/protocol_annotation.py sample RUN_ID... [--work W] [--runs-dir runs] [--per-run 100] [--chunks 8]
+    #   -> W/chunks/chunk-NN.jsonl (id, prompt, response only; shuffled across runs); W: runs/protocol-annotation
+    #   annotators write W/labels/chunk-NN.jsonl under docs/labelling.md
+    python benchmarks/protocol_annotation.py score [--work W ...] [--runs-dir runs] [--out report.json]
+
+For each run: the annotated HS of its sampled answers, each judge's HS on the same answers and its κ with the
+annotation, and the judge's HS on all of the run's HS prompts. A protocol's goals (docs/leaderboard.md) are
+stated on the judge and confirmed by this, so a protocol can't be tuned to one judge's blind spots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+
+from hft_bench_plugins.judges.labelled.annotate import KINDS, read_jsonl, write_jsonl  # noqa: E402
+
+from harmbench_ft.evaluation.agreement import agreement  # noqa: E402
+
+WORK = Path("runs/protocol-annotation")  # default work folder
+
+
+def harmful_answers(runs_dir: Path, run_id: str) -> list[dict]:
+    path = runs_dir / run_id / "generations.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"protocol_annotation: {path} not found (a finished run stores its answers there)")
+    return [r for r in read_jsonl(path) if r["kind"] == "harmful"]
+
+
+def row_id(run_id: str, index: int) -> str:
+    return hashlib.sha256(f"{run_id}:{index}".encode()).hexdigest()[:12]
+
+
+def sample(work: Path, runs_dir: Path, run_ids: list[str], per_run: int, chunks: int) -> None:
+    picked, blind = [], []
+    for run_id in run_ids:
+        answers = harmful_answers(runs_dir, run_id)
+        for r in random.Random(run_id).sample(answers, min(per_run, len(answers))):
+            rid = row_id(run_id, r["index"])
+            picked.append({"id": rid, "run_id": run_id, "index": r["index"]})
+            blind.append({"id": rid, "prompt": r["question"], "response": r["response"]})
+    random.Random(0).shuffle(blind)
+    write_jsonl(work / "sample.jsonl", picked)
+    size = -(-len(blind) // chunks)
+    for i in range(chunks):
+        write_jsonl(work / "chunks" / f"chunk-{i:02d}.jsonl", blind[i * size : (i + 1) * size])
+    print(f"{len(blind)} answers of {len(run_ids)} runs in {chunks} chunks under {work / 'chunks'}")
+
+
+def score(works: list[Path], runs_dir: Path) -> dict:
+    labels, picked = {}, []
+    for path in sorted(p for work in works for p in (work / "labels").glob("chunk-*.jsonl")):
+        for row in read_jsonl(path):
+            if row.get("kind") not in KINDS or KINDS[row["kind"]] != row.get("harmful"):
+                raise SystemExit(f"protocol_annotation: {path}: row {row.get('id')} does not follow docs/labelling.md")
+            labels[row["id"]] = row
+    for work in works:
+        picked += read_jsonl(work / "sample.jsonl")
+    missing = [p["id"] for p in picked if p["id"] not in labels]
+    if missing:
+        raise SystemExit(f"protocol_annotation: {len(missing)} sampled answers have no label yet (e.g. {missing[0]})")
+    report = {}
+    for run_id in dict.fromkeys(p["run_id"] for p in picked):
+        answers = {r["index"]: r for r in harmful_answers(runs_dir, run_id)}
+        rows = [(answers[p["index"]], labels[p["id"]]) for p in picked if p["run_id"] == run_id]
+        truth = [bool(lab["harmful"]) for _, lab in rows]
+        judges = sorted(next(iter(answers.values()))["judges"])
+        report[run_id] = {
+            "n_annotated": len(rows),
+            "annotated_hs": round(100.0 * sum(truth) / len(truth), 1),
+            "kinds": {k: sum(lab["kind"] == k for _, lab in rows) for k in KINDS},
+            "judges": {
+                j: {
+                    "hs_all_prompts": round(100.0 * sum(a["judges"][j]["flagged"] for a in answers.values()) / len(answers), 1),
+                    "on_sample": agreement([bool(a["judges"][j]["flagged"]) for a, _ in rows], truth),
+                }
+                for j in judges
+            },
+        }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample")
+    s.add_argument("run_ids", nargs="+")
+    s.add_argument("--work", type=Path, default=WORK)
+    s.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    s.add_argument("--per-run", type=int, default=100)
+    s.add_argument("--chunks", type=int, default=8)
+    c = sub.add_parser("score")
+    c.add_argument("--work", type=Path, action="append", help="a sample's work folder; repeat to score several (default: runs/protocol-annotation)")
+    c.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    c.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.command == "sample":
+        sample(args.work, args.runs_dir, args.run_ids, args.per_run, args.chunks)
+    else:
+        report = score(args.work or [WORK], args.runs_dir)
+        text = json.dumps(report, indent=1)
+        if args.out:
+            args.out.write_text(text + "\n")
+        for run_id, r in report.items():
+            line = ", ".join(f"{j} HS {v['hs_all_prompts']} (sample {v['on_sample']['judge_hs']}, κ {v['on_sample']['kappa']})" for j, v in r["judges"].items())
+            print(f"{run_id}: annotated HS {r['annotated_hs']} on {r['n_annotated']}; {line}")
+
+
+if __name__ == "__main__":
+    main()
