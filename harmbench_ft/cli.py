@@ -20,11 +20,16 @@ console = Console(stderr=True)
 
 
 def _key_values(text: str, what: str) -> dict[str, str]:
-    """'a=1,b=2' -> {'a': '1', 'b': '2'} with a clear error for anything else."""
-    out = {}
+    """'a=1,b=2' -> {'a': '1', 'b': '2'}; a part without '=' continues the previous value as a list
+    ('judges=x,y' -> {'judges': 'x,y'}); a clear error for anything else."""
+    out: dict[str, str] = {}
     for part in [p for p in text.split(",") if p.strip()]:
         if "=" not in part:
-            raise UsageError(f"{what}: expected key=value, got {part!r}")
+            if not out:
+                raise UsageError(f"{what}: expected key=value, got {part!r}")
+            last = next(reversed(out))
+            out[last] = f"{out[last]},{part.strip()}"
+            continue
         k, v = part.split("=", 1)
         if k.strip() in out:
             raise UsageError(f"{what}: {k.strip()!r} given twice ({out[k.strip()]!r} and {v.strip()!r})")

@@ -102,3 +102,17 @@ def test_a_missing_local_model_folder_is_named(tmp_path, capsys):
     assert main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--model", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert "no such local folder" in err and "Repo id" not in err
+
+
+def test_a_list_setting_takes_comma_separated_items_in_one_set_flag():
+    import argparse
+
+    from harmbench_ft.cli import build_spec
+
+    args = argparse.Namespace(
+        preset="tiny", defense="sft", model=None, trust_remote_code=False, attack="ratio=0.1", task=None, seed=None, judge=None, backend=None,
+        set=["evaluation.judges=keyword+harm-clf,keyword,finetune.lr=1e-3", "alignment.train.lora_targets=q_proj,v_proj"], defense_arg=None,
+    )
+    spec = build_spec(args)
+    assert spec.evaluation.judges == ["keyword+harm-clf", "keyword"] and spec.finetune.lr == 1e-3
+    assert spec.alignment.train.lora_targets == ["q_proj", "v_proj"]
