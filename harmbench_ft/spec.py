@@ -385,8 +385,9 @@ def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
             setattr(owner, parts[-1], parse_value(raw, _field_type(owner, parts[-1]), path))
         except UsageError as exc:
             problems.append(str(exc))
-    if problems:
-        raise UsageError("; ".join(problems) + f". Known settings: {', '.join(known_paths())}")
+    if problems:  # the list of every setting helps only when a name was wrong
+        unknown = any(p.startswith("unknown setting") for p in problems)
+        raise UsageError("; ".join(problems) + (f". Known settings: {', '.join(known_paths())}" if unknown else ""))
     return spec
 
 

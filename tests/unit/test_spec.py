@@ -80,3 +80,11 @@ def test_a_later_field_at_its_default_leaves_the_hash_and_old_records_as_they_we
 def test_an_unknown_evaluation_split_is_a_usage_error():
     with pytest.raises(UsageError, match="evaluation.split must be one of test, validation"):
         validate(apply_overrides(preset("tiny"), {"evaluation.split": "dev"}))
+
+
+def test_a_bad_value_names_its_field_and_type_without_listing_every_setting():
+    with pytest.raises(UsageError) as err:
+        apply_overrides(preset("tiny"), {"finetune.lr": "fast"})
+    assert "finetune.lr: cannot read 'fast' as float" in str(err.value) and "Known settings" not in str(err.value)
+    with pytest.raises(UsageError, match="Known settings: .*finetune.lr"):
+        apply_overrides(preset("tiny"), {"finetune.lrr": "1"})
