@@ -151,6 +151,16 @@ class Defense:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    # -- state carried from one training step to the next (saved in mid-stage checkpoints) ----------
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        """Everything the defense's steps carry from one step to the next, so that a stage resumed from a
+        checkpoint continues exactly as if never stopped. A defense with such state must return it here."""
+        return self.state_dict()
+
+    def load_step_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
 
 def check_defense_class(cls: type) -> None:
     """What registering a defense checks, so a broken plugin fails with its own name."""

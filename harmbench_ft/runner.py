@@ -30,9 +30,9 @@ from harmbench_ft.evaluation.evaluate import evaluate
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
 from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, check_model_name, load_adapter, load_base, merge_adapter, trainable_parameters
 from harmbench_ft.plugins import emit, get_registry
-from harmbench_ft.spec import RunSpec, stable_hash, validate
+from harmbench_ft.spec import RunSpec, stable_hash, train_key, validate
 from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
-from harmbench_ft.training.loop import train
+from harmbench_ft.training.loop import Checkpoints, train
 
 ARTIFACT_FILE = "artifact.json"  # written last: an artifact folder without it is not an artifact
 DEFENSE_STATE_FILE = "defense_state.safetensors"
@@ -75,7 +75,7 @@ def plan_stages(spec: RunSpec, defense: Defense, data: RunData) -> StagePlan:
         "model": dataclasses.asdict(spec.model),
         "procedure": defense.name if Stage.ALIGNMENT in acts else "sft",
         "params": params if Stage.ALIGNMENT in acts else {},
-        "train": dataclasses.asdict(spec.alignment.train),
+        "train": train_key(dataclasses.asdict(spec.alignment.train)),
         "data": data_for({"alignment", *(defense.needs if Stage.ALIGNMENT in acts else ())}),
         "seed": spec.seed,
     }
@@ -84,7 +84,7 @@ def plan_stages(spec: RunSpec, defense: Defense, data: RunData) -> StagePlan:
         "alignment": alignment,
         "procedure": defense.name if Stage.FINETUNE in acts else "sft",
         "params": params if Stage.FINETUNE in acts else {},
-        "train": dataclasses.asdict(spec.finetune),
+        "train": train_key(dataclasses.asdict(spec.finetune)),
         "data": data_for({"user", *(defense.needs if Stage.FINETUNE in acts else ())}),
         "seed": spec.seed,
     }
@@ -198,6 +198,11 @@ class Runner:
         stages[name] = {"seconds": info.pop("seconds"), "reused": bool(info.pop("reused", False)), **info}
         emit("hft_stage_end", StageEnd(run_id, name, stages[name]["seconds"], stages[name]["reused"]))
 
+    @staticmethod
+    def checkpoint_dir(artifact: Path) -> Path:
+        """Mid-stage checkpoints of the training stage that builds `artifact` (same key), removed once it is built."""
+        return artifact.with_name(artifact.name + ".ckpt")
+
     def _build_artifact(self, path: Path, inputs: dict[str, Any], build) -> dict[str, Any]:
         """Reuse the artifact at `path`, or build it into a temporary folder and rename it into place."""
         with results.file_lock(path.with_name(path.name + ".lock")):
@@ -211,6 +216,7 @@ class Runner:
             results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats})
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
+            shutil.rmtree(self.checkpoint_dir(path), ignore_errors=True)
             return {"reused": False, "artifact": str(path), **stats}
 
     # -- stage bodies -------------------------------------------------------------------------------
@@ -233,9 +239,10 @@ class Runner:
         torch.manual_seed(spec.seed)
         model = add_lora(model, train_cfg)
         step_fn = defense.step if acts else Defense.step.__get__(defense)
-        stats = train(model, step_fn, schedule, streams, train_cfg, stage, description=f"{stage.value} ({defense.name if acts else 'sft'})")
+        checkpoints = Checkpoints(self.checkpoint_dir(out.with_name(out.name.removesuffix(".tmp"))), train_cfg.checkpoint_every, defense if acts else None)
+        stats = train(model, step_fn, schedule, streams, train_cfg, stage, description=f"{stage.value} ({defense.name if acts else 'sft'})", checkpoints=checkpoints)
         model.save_pretrained(out, safe_serialization=True)
-        return {"steps": stats.steps, "train_seconds": round(stats.seconds, 2), "seconds_per_step": round(stats.seconds_per_step, 4), "first_loss": stats.first_loss, "last_loss": stats.last_loss, "step_metrics": stats.metrics, "rows_seen": {s: st.rows_served for s, st in streams.items()}}
+        return {"resumed_from_step": stats.resumed_from_step, "steps": stats.steps, "train_seconds": round(stats.seconds, 2), "seconds_per_step": round(stats.seconds_per_step, 4), "first_loss": stats.first_loss, "last_loss": stats.last_loss, "step_metrics": stats.metrics, "rows_seen": {s: st.rows_served for s, st in streams.items()}}
 
     def _train_alignment(self, spec: RunSpec, defense: Defense, data: RunData, out: Path) -> dict[str, Any]:
         model, tokenizer = load_base(spec.model)

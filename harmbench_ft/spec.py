@@ -45,6 +45,9 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay fp32)
     group_by_length: bool = False  # micro-batches of similar length (less padding); see training/batches.py
+    # Optimizer steps between mid-stage checkpoints (0: none), so a killed stage resumes where it was. Never part
+    # of a hash: it does not change what is computed. 10 costs well under 5% of a cpu-preset stage (docs/grids.md).
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         self.epochs = float(self.epochs)  # 2 and 2.0 must hash the same
@@ -176,9 +179,22 @@ def preset_of(spec: dict[str, Any]) -> str:
     return spec.get("preset", "cpu")
 
 
+UNHASHED_TRAIN_FIELDS = ("checkpoint_every",)  # TrainConfig fields that never change a result
+
+
+def train_key(train: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig (as a dict) as it enters hashes: without the fields that never change a result."""
+    return {k: v for k, v in train.items() if k not in UNHASHED_TRAIN_FIELDS}
+
+
 def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as hashed: later fields dropped while they hold their default, renamed presets by their old name."""
+    """The spec as hashed: later fields dropped while they hold their default, renamed presets by their old name,
+    no field that never changes a result."""
     spec = copy.deepcopy(spec)
+    if isinstance(spec.get("finetune"), dict):
+        spec["finetune"] = train_key(spec["finetune"])
+    if isinstance(spec.get("alignment", {}).get("train"), dict):
+        spec["alignment"]["train"] = train_key(spec["alignment"]["train"])
     if spec.get("preset") in HASHED_PRESET_NAMES:
         spec["preset"] = HASHED_PRESET_NAMES[spec["preset"]]
     for node, key, default in _later_field_slots(spec, create=False):
@@ -419,6 +435,8 @@ def validate(spec: RunSpec) -> None:
             problems.append(f"{name}.max_steps must be >= 0 (0: no steps, the stage's adapter stays zero)")
         if train.max_length < 16:
             problems.append(f"{name}.max_length must be >= 16")
+        if train.checkpoint_every < 0:
+            problems.append(f"{name}.checkpoint_every must be >= 0 (0: no mid-stage checkpoints)")
         if train.lora_r < 1 or not train.lora_targets:
             problems.append(f"{name}: LoRA needs lora_r >= 1 and at least one target module")
     if spec.alignment.n_alignment < 1:

@@ -60,6 +60,15 @@ class BatchStream:
         self.rows_served += k
         return out
 
+    def state(self) -> dict:
+        """Where the stream is (for a mid-stage checkpoint): its RNG, the rest of this epoch's order, rows served."""
+        return {"rng": self.rng.getstate(), "order": list(self.order), "rows_served": self.rows_served}
+
+    def load_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.rows_served = list(state["order"]), int(state["rows_served"])
+
     def next_step(self) -> list[dict]:
         return [collate(self._next_rows(self.micro), self.pad_id) for _ in range(self.accumulation)]
 

@@ -88,6 +88,20 @@ class Lisa(Defense):
         return StepResult(loss, grads, {"proximal": float(rho / 2 * global_norm(drift) ** 2)})
 
 
+    # A checkpoint mid-stage must carry the current state and the anchor, or a resumed run would not switch as
+    # an uninterrupted one does.
+    STATES = ("alignment", "user")
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        state = {} if self.state is None else {"state": torch.tensor(self.STATES.index(self.state))}
+        return state | {f"anchor.{i}": a for i, a in enumerate(self.anchor or [])}
+
+    def load_step_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = self.STATES[int(state["state"])] if "state" in state else None
+        anchors = sorted((k for k in state if k.startswith("anchor.")), key=lambda k: int(k.split(".")[1]))
+        self.anchor = [state[k].clone() for k in anchors] or None
+
+
 @hookimpl
 def hft_register_defenses(register):
     register(Lisa)
