@@ -261,7 +261,7 @@ def _cpu_v1() -> RunSpec:
 
 
 N_BENIGN_ALIGNMENT = 600  # protocol v2: benign Alpaca rows aligned on beside the 600 refusals (docs/leaderboard.md)
-V2_FT_EPOCHS = 5  # protocol v2: 125 fine-tuning steps; at v1's 2 the poison did not break the sturdier alignment
+V2_FT_EPOCHS, V2_FT_LR = 5, 3e-4  # protocol v2: 125 fine-tuning steps; at v1's 2 epochs and 2e-4 the poison barely moved the sturdier alignment
 
 
 def _cpu() -> RunSpec:
@@ -272,14 +272,15 @@ def _cpu() -> RunSpec:
     600 refusals plus N_BENIGN_ALIGNMENT benign Alpaca rows (150 steps): the aligned model answers ordinary
     instructions and refuses harmful ones, a benign fine-tune keeps the refusals and poison breaks them.
     Everything else is v1's (measured there): fp32, length-grouped alignment batches, LoRA r=32 scale 1 on all 7
-    projections, a fresh LoRA of the same shape for the fine-tune at lr FT_LR over n=FT_N rows, 200 unique
-    BeaverTails test prompts (48 new tokens), all 872 SST2 validation rows, judges CPU_JUDGES — except the
-    fine-tune's length: V2_FT_EPOCHS epochs (125 steps), since at v1's 2 the poison no longer broke the alignment.
+    projections, a fresh LoRA of the same shape for the fine-tune over n=FT_N rows, 200 unique BeaverTails test
+    prompts (48 new tokens), all 872 SST2 validation rows, judges CPU_JUDGES — except the fine-tune's schedule:
+    V2_FT_EPOCHS epochs (125 steps) at lr V2_FT_LR, chosen on the validation split, since at v1's 2 epochs and
+    lr 2e-4 the poison barely moved the sturdier alignment.
     """
     spec = _cpu_v1()
     spec.preset = "cpu"
     spec.alignment.n_benign = N_BENIGN_ALIGNMENT
-    spec.finetune.epochs = float(V2_FT_EPOCHS)
+    spec.finetune.epochs, spec.finetune.lr = float(V2_FT_EPOCHS), V2_FT_LR
     spec.evaluation.judges = list(CPU_JUDGES)
     return spec
 
