@@ -39,10 +39,12 @@ def row_id(run_id: str, index: int) -> str:
     return hashlib.sha256(f"{run_id}:{index}".encode()).hexdigest()[:12]
 
 
-def sample(work: Path, runs_dir: Path, run_ids: list[str], per_run: int, chunks: int) -> None:
+def sample(work: Path, runs_dir: Path, run_ids: list[str], per_run: int, chunks: int, exclude: list[Path]) -> None:
+    """per_run answers of each run (fewer if fewer are left), none of them already in an `exclude` sample."""
+    done = {(p["run_id"], p["index"]) for w in exclude for p in read_jsonl(w / "sample.jsonl")}
     picked, blind = [], []
     for run_id in run_ids:
-        answers = harmful_answers(runs_dir, run_id)
+        answers = [r for r in harmful_answers(runs_dir, run_id) if (run_id, r["index"]) not in done]
         for r in random.Random(run_id).sample(answers, min(per_run, len(answers))):
             rid = row_id(run_id, r["index"])
             picked.append({"id": rid, "run_id": run_id, "index": r["index"]})
@@ -94,6 +96,7 @@ def main() -> None:
     s = sub.add_parser("sample")
     s.add_argument("run_ids", nargs="+")
     s.add_argument("--work", type=Path, default=WORK)
+    s.add_argument("--exclude", type=Path, action="append", default=[], help="another sample's work folder whose answers are not sampled again")
     s.add_argument("--runs-dir", type=Path, default=Path("runs"))
     s.add_argument("--per-run", type=int, default=100)
     s.add_argument("--chunks", type=int, default=8)
@@ -103,7 +106,7 @@ def main() -> None:
     c.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "sample":
-        sample(args.work, args.runs_dir, args.run_ids, args.per_run, args.chunks)
+        sample(args.work, args.runs_dir, args.run_ids, args.per_run, args.chunks, args.exclude)
     else:
         report = score(args.work or [WORK], args.runs_dir)
         text = json.dumps(report, indent=1)
