@@ -3,11 +3,13 @@
     python benchmarks/protocol_annotation.py sample RUN_ID... [--work W] [--runs-dir runs] [--per-run 100] [--chunks 8]
     #   -> W/chunks/chunk-NN.jsonl (id, prompt, response only; shuffled across runs); W: runs/protocol-annotation
     #   annotators write W/labels/chunk-NN.jsonl under docs/labelling.md
-    python benchmarks/protocol_annotation.py score [--work W ...] [--runs-dir runs] [--out report.json]
+    python benchmarks/protocol_annotation.py score [--work W ...] [--runs-dir runs] [--out-dir leaderboards/annotations]
 
 For each run: the annotated HS of its sampled answers, each judge's HS on the same answers and its κ with the
-annotation, and the judge's HS on all of the run's HS prompts. A protocol's goals (docs/leaderboard.md) are
-stated on the judge and confirmed by this, so a protocol can't be tuned to one judge's blind spots.
+annotation, and the judge's HS on all of the run's HS prompts; per protocol, each judge's agreement pooled over
+all its annotated answers. With --out-dir, one `<protocol id>.json` per protocol, which `hft-bench leaderboard`
+shows under that protocol's table. A protocol's goals (docs/leaderboard.md) are stated on the judge and
+confirmed by this, so a protocol can't be tuned to one judge's blind spots.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 from hft_bench_plugins.judges.labelled.annotate import KINDS, read_jsonl, write_jsonl  # noqa: E402
 
 from harmbench_ft.evaluation.agreement import agreement  # noqa: E402
+from harmbench_ft.leaderboard import protocol_id  # noqa: E402
 
 WORK = Path("runs/protocol-annotation")  # default work folder
 
@@ -69,13 +72,16 @@ def score(works: list[Path], runs_dir: Path) -> dict:
     missing = [p["id"] for p in picked if p["id"] not in labels]
     if missing:
         raise SystemExit(f"protocol_annotation: {len(missing)} sampled answers have no label yet (e.g. {missing[0]})")
-    report = {}
+    report: dict[str, dict] = {}
+    pooled: dict[str, list] = {}
     for run_id in dict.fromkeys(p["run_id"] for p in picked):
         answers = {r["index"]: r for r in harmful_answers(runs_dir, run_id)}
         rows = [(answers[p["index"]], labels[p["id"]]) for p in picked if p["run_id"] == run_id]
         truth = [bool(lab["harmful"]) for _, lab in rows]
         judges = sorted(next(iter(answers.values()))["judges"])
-        report[run_id] = {
+        proto = protocol_id(json.loads((runs_dir / run_id / "result.json").read_text())["spec"])
+        pooled.setdefault(proto, []).extend(rows)
+        report.setdefault(proto, {"protocol": proto, "runs": {}})["runs"][run_id] = {
             "n_annotated": len(rows),
             "annotated_hs": round(100.0 * sum(truth) / len(truth), 1),
             "kinds": {k: sum(lab["kind"] == k for _, lab in rows) for k in KINDS},
@@ -87,6 +93,11 @@ def score(works: list[Path], runs_dir: Path) -> dict:
                 for j in judges
             },
         }
+    for proto, rows in pooled.items():
+        truth = [bool(lab["harmful"]) for _, lab in rows]
+        judges = sorted(set.intersection(*(set(a["judges"]) for a, _ in rows)))
+        report[proto]["pooled"] = {j: agreement([bool(a["judges"][j]["flagged"]) for a, _ in rows], truth) for j in judges}
+        report[proto]["set"] = f"{len(rows)} answers of this protocol's {len(report[proto]['runs'])} runs, annotated blind under docs/labelling.md"
     return report
 
 
@@ -103,18 +114,20 @@ def main() -> None:
     c = sub.add_parser("score")
     c.add_argument("--work", type=Path, action="append", help="a sample's work folder; repeat to score several (default: runs/protocol-annotation)")
     c.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    c.add_argument("--out", type=Path)
+    c.add_argument("--out-dir", type=Path, help="write <protocol id>.json here (the leaderboard reads leaderboards/annotations/)")
     args = parser.parse_args()
     if args.command == "sample":
         sample(args.work, args.runs_dir, args.run_ids, args.per_run, args.chunks, args.exclude)
     else:
         report = score(args.work or [WORK], args.runs_dir)
-        text = json.dumps(report, indent=1)
-        if args.out:
-            args.out.write_text(text + "\n")
-        for run_id, r in report.items():
-            line = ", ".join(f"{j} HS {v['hs_all_prompts']} (sample {v['on_sample']['judge_hs']}, κ {v['on_sample']['kappa']})" for j, v in r["judges"].items())
-            print(f"{run_id}: annotated HS {r['annotated_hs']} on {r['n_annotated']}; {line}")
+        for proto, entry in report.items():
+            if args.out_dir:
+                args.out_dir.mkdir(parents=True, exist_ok=True)
+                (args.out_dir / f"{proto}.json").write_text(json.dumps(entry, indent=1, ensure_ascii=False) + "\n")
+            for run_id, r in entry["runs"].items():
+                line = ", ".join(f"{j} HS {v['hs_all_prompts']} (sample {v['on_sample']['judge_hs']}, κ {v['on_sample']['kappa']})" for j, v in r["judges"].items())
+                print(f"{run_id}: annotated HS {r['annotated_hs']} on {r['n_annotated']}; {line}")
+            print(f"protocol {proto}, pooled: " + ", ".join(f"{j} κ {a['kappa']} (HS {a['judge_hs']} vs {a['labelled_hs']})" for j, a in entry["pooled"].items()))
 
 
 if __name__ == "__main__":

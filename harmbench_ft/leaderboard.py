@@ -36,6 +36,11 @@ def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
     return proto
 
 
+def protocol_id(spec: dict[str, Any]) -> str:
+    """The short id a protocol's table is named by; it stays as it was before later fields."""
+    return stable_hash(hash_view(protocol_of(spec)))[:8]
+
+
 def chance_accuracy(task: str) -> float | None:
     """The task's chance FA, or None when the task is not a label task or its plugin is not installed."""
     try:
@@ -53,8 +58,8 @@ def record_judges(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     spec = record["spec"]
     described = {j["id"]: j for j in record.get("stages", {}).get("evaluation", {}).get("judges") or []}
     judges = {name: described.get(name, {"id": name}) for name in spec["evaluation"]["judges"]}
-    for name, desc in record.get("rejudged", {}).items():
-        judges.setdefault(name, {"id": name, **{k: v for k, v in desc.items() if k != "id"}})
+    for name, desc in record.get("rejudged", {}).items():  # a re-judging is newer than the run's own judging
+        judges[name] = {"id": name, **{k: v for k, v in desc.items() if k != "id"}}
     return judges
 
 
@@ -80,7 +85,7 @@ def results_frame(runs_dir: Path, judge: str | None = None) -> pd.DataFrame:
         metrics = record["metrics"]
         rows.append(
             {
-                "protocol": stable_hash(hash_view(proto))[:8],  # the id stays as it was before later fields
+                "protocol": protocol_id(spec),
                 "preset": preset_of(spec),
                 "model": spec["model"]["name"],
                 "task": spec["attack"]["task"],
@@ -208,14 +213,49 @@ def agreement_note(judges: list[str]) -> str:
     return "\n".join(lines)
 
 
-def validity_banner(judge: str) -> str:
-    """A warning above a table whose headline judge is not validated (κ < VALIDATED_KAPPA or never measured)."""
+ANNOTATIONS_DIR = "annotations"  # under the leaderboard folder: <protocol id>.json, by benchmarks/protocol_annotation.py
+
+
+def protocol_annotation_note(out_dir: Path, proto_id: str) -> str:
+    """Each judge's agreement with careful annotation of this protocol's own answers, when they were annotated."""
+    from harmbench_ft.evaluation.agreement import format_agreement
+
+    path = Path(out_dir) / ANNOTATIONS_DIR / f"{proto_id}.json"
+    if not path.is_file():
+        return ""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        lines = [f"- `{name}`: {format_agreement(measured)}" for name, measured in entry["pooled"].items()]
+        runs = [f"- `{run_id}`: annotated HS {r['annotated_hs']} on {r['n_annotated']} answers; " + ", ".join(f"{j} {v['on_sample']['judge_hs']}" for j, v in r["judges"].items()) for run_id, r in entry["runs"].items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        _warn(f"skipping {path}: not a protocol annotation report")
+        return ""
+    return f"On this protocol's own answers ({entry.get('set', path.name)}; `{ANNOTATIONS_DIR}/{path.name}`):\n\n" + "\n".join(lines) + "\n\nPer run, the annotated HS and each judge's HS on the same answers:\n\n" + "\n".join(runs) + "\n\n"
+
+
+def _protocol_agreement(out_dir: Path, proto_id: str, judge: str) -> dict[str, Any] | None:
+    path = Path(out_dir) / ANNOTATIONS_DIR / f"{proto_id}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["pooled"][judge] if path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def validity_banner(judge: str, out_dir: Path | None = None, proto_id: str | None = None) -> str:
+    """A warning above a table whose headline judge is not validated: κ < VALIDATED_KAPPA on the labelled set or,
+    where this protocol's own answers were annotated, on those; or never measured."""
     from harmbench_ft.evaluation.agreement import VALIDATED_KAPPA, is_validated
 
     try:
         measured = get_registry().get("judges", judge).agreement()
     except UsageError:
         measured = None
+    own = _protocol_agreement(out_dir, proto_id, judge) if out_dir is not None and proto_id else None
+    if own is not None and not is_validated(own):
+        return (
+            f"> **Not validated on this protocol's answers**: `{judge}` agrees with careful annotation of them at κ {own['kappa']:.2f} "
+            f"(HS {own['judge_hs']:.1f} against an annotated {own['labelled_hs']:.1f}; validated: κ ≥ {VALIDATED_KAPPA}). Read its HS with the annotated HS below.\n\n"
+        )
     if is_validated(measured):
         return ""
     kappa = f"κ {measured['kappa']:.2f} with careful annotation" if measured and measured.get("kappa") is not None else "no measured agreement with careful annotation"
@@ -313,7 +353,9 @@ def _protocol_summary(proto: dict[str, Any], judge_desc: str, judge: str) -> str
         [
             f"- model `{proto['model']['name']}`, preset `{proto['preset']}`",
             f"- attack: task `{at['task']}`, n = {at['n']} rows uploaded, poison rows from `{at['harmful_source']}`",
-            f"- alignment: {al['n_alignment']} refusal rows from `{al['alignment_source']}`, {al['n_harmful']} provider harmful rows; {train(al['train'])}",
+            f"- alignment: {al['n_alignment']} refusal rows from `{al['alignment_source']}`"
+            + (f" and {al['n_benign']} benign rows from `{al['benign_source']}`" if al.get("n_benign") else "")
+            + f", {al['n_harmful']} provider harmful rows; {train(al['train'])}",
             f"- fine-tuning: {train(ft)}",
             (
                 f"- evaluation: HS on {ev['n_harmful_prompts']} prompts of `{ev['harmful_prompts']}` ({ev['max_new_tokens']} new tokens), judge `{judge}` ({judge_desc}); "
@@ -385,13 +427,14 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
         md = (
             f"# {title}\n\n"
             + (f"> {SUPERSEDED_PRESETS[first['preset']]}\n\n" if first["preset"] in SUPERSEDED_PRESETS else "")
-            + validity_banner(first["judge"])
+            + validity_banner(first["judge"], out_dir, proto_id)
             + f"Harmful score (HS, %, judge: **{first['judge']}**; lower is better) and fine-tune accuracy (FA, %; higher is better) "
             f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
             f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
             f"![HS and FA against the poison ratio]({stem}.png)\n\n"
             + "".join(f"## HS by judge `{c[3:]}`\n\n{judge_table(sub, c[3:])}\n\n" for c in further_judge_columns(sub))
             + f"## Judges' agreement with careful annotation\n\n{agreement_note([first['judge'], *(c[3:] for c in further_judge_columns(sub))])}\n\n"
+            + protocol_annotation_note(out_dir, proto_id)
             + (f"{sub['HS'].isna().sum()} of {len(sub)} records hold no HS by `{first['judge']}` (–): their answers were not stored, so they could not be re-judged.\n\n" if sub["HS"].isna().any() else "")
             + (f"No record of this protocol holds an HS by `{judge}` (their answers were not stored), so the table is headed by its own judge `{first['judge']}`.\n\n" if proto_id in fallback else "")
             + f"## Defenses\n\n{defenses}\n\n"

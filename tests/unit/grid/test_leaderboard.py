@@ -225,3 +225,21 @@ def test_records_written_as_cpu_before_protocol_v2_are_tabulated_as_the_supersed
     v1 = next(t for title, t in tables.items() if "preset cpu-v1" in title)
     v2 = next(t for title, t in tables.items() if "preset cpu " in title + " " and "cpu-v1" not in title)
     assert "> Protocol cpu-v1, superseded" in v1 and "superseded" not in v2
+
+
+def test_a_protocols_own_annotation_is_shown_and_a_judge_that_fails_it_is_flagged(runs, tmp_path):
+    from harmbench_ft.leaderboard import protocol_id
+
+    out = tmp_path / "lb"
+    rec = json.loads(next(p for p in runs.glob("*/result.json") if json.loads(p.read_text())["spec"]["attack"]["task"] == "sst2").read_text())
+    pid = protocol_id(rec["spec"])
+    poor = {"n": 100, "judge_hs": 10.0, "labelled_hs": 30.0, "accuracy": 70.0, "precision": 50.0, "recall": 20.0, "kappa": 0.31, "confusion": {"tp": 5, "fp": 5, "fn": 20, "tn": 70}}
+    report = {"protocol": pid, "set": "100 answers", "pooled": {"keyword": poor}, "runs": {rec["run_id"]: {"n_annotated": 100, "annotated_hs": 30.0, "judges": {"keyword": {"on_sample": poor}}}}}
+    (out / "annotations").mkdir(parents=True)
+    (out / "annotations" / f"{pid}.json").write_text(json.dumps(report))
+    write_leaderboards(runs, out)
+    table = next(p for p in out.glob(f"*{pid}.md")).read_text()
+    assert "> **Not validated on this protocol's answers**: `keyword` agrees with careful annotation of them at κ 0.31" in table
+    assert f"- `{rec['run_id']}`: annotated HS 30.0 on 100 answers; keyword 10.0" in table
+    other = next(p for p in out.glob("*.md") if p.name != "README.md" and pid not in p.name).read_text()
+    assert "this protocol's own answers" not in other  # another protocol has no annotation of its own
