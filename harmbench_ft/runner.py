@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from harmbench_ft import results
+from harmbench_ft.errors import UsageError
 from harmbench_ft.data.windows import RunData, build_run_data
 from harmbench_ft.defense import Defense, PostContext, Stage
 from harmbench_ft.evaluation.backends import ServedModel
@@ -108,6 +109,22 @@ class Runner:
         return self.runs_dir / spec.run_id()
 
     @staticmethod
+    def finished_result(run_dir: Path, data: RunData) -> dict[str, Any] | None:
+        """The run's finished record, if it was computed from exactly these data rows; a record whose rows differ
+        (the mirror changed under the same spec) is an error, not a result to reuse."""
+        record = results.read_result(run_dir)
+        if record is None:
+            return None
+        stored = record.get("data", {}).get("hashes", {})
+        changed = sorted(k for k in stored.keys() & data.hashes.keys() if stored[k] != data.hashes[k])
+        if changed:
+            raise UsageError(
+                f"{run_dir / results.RESULT_FILE} was computed from other data rows ({', '.join(changed)} changed since); "
+                f"the data mirror differs from the one this run used: move that run folder away to recompute it, or use another --runs-dir"
+            )
+        return record
+
+    @staticmethod
     def artifact_ready(path: Path) -> bool:
         return (path / ARTIFACT_FILE).is_file()
 
@@ -123,7 +140,7 @@ class Runner:
         """Run (or resume) one spec; return its result record. A finished run is not redone."""
         spec, defense, data, plan = self.prepare(spec)
         run_dir = self.run_dir(spec)
-        existing = results.read_result(run_dir)
+        existing = self.finished_result(run_dir, data)
         if existing is not None:
             return existing
         run_id = spec.run_id()

@@ -31,7 +31,7 @@ def plan_grid(grid: Grid, runs_dir: Path, data_dir: str | None, console: Console
     planned: dict[str, GridRun] = {}
     with console.status(f"planning {len(specs)} runs of {grid.source}"):
         for spec in specs:
-            spec, _, _, plan = runner.prepare(spec)
+            spec, _, data, plan = runner.prepare(spec)
             keys = {"alignment": plan.alignment, "finetune": plan.finetune}
             if plan.post_finetune is not None:
                 keys["post_finetune"] = plan.post_finetune
@@ -40,7 +40,7 @@ def plan_grid(grid: Grid, runs_dir: Path, data_dir: str | None, console: Console
             planned.setdefault(run_id, GridRun(
                 index=0, spec=spec, run_id=run_id, runs_dir=Path(runs_dir), data_dir=None if data_dir is None else str(data_dir),
                 keys=keys, artifacts=artifacts, ready={stage: runner.artifact_ready(path) for stage, path in artifacts.items()},
-                finished=results.read_result(runner.run_dir(spec)) is not None, resources=dict(grid.resources),
+                finished=runner.finished_result(runner.run_dir(spec), data) is not None, resources=dict(grid.resources),
             ))
 
     # Group runs by alignment, then by fine-tuning artifact, keeping the grid's order otherwise.

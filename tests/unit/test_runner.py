@@ -124,3 +124,21 @@ def test_adapters_load_from_safetensors_only(tmp_path):
     torch.save({}, folder / "adapter_model.bin")  # a pickle: never loaded
     with pytest.raises(UsageError, match="adapters are loaded from safetensors only"):
         load_adapter(model, folder)
+
+
+def test_a_finished_result_computed_from_other_data_rows_is_an_error_not_a_reuse(tmp_path, shared_data):
+    from harmbench_ft import results as results_module
+    from harmbench_ft.errors import UsageError
+
+    runner = Runner(tmp_path, shared_data)
+    record = runner.run(tiny_spec())
+    path = tmp_path / record["run_id"] / "result.json"
+    record["data"]["hashes"]["user"] = "0" * 64  # as if the mirror's task rows had changed since
+    results_module.write_json(path, record)
+    with pytest.raises(UsageError, match="computed from other data rows \\(user changed since\\)"):
+        runner.run(tiny_spec())
+    from harmbench_ft.cli import main
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('preset = "tiny"\ndefenses = ["sft"]\nratios = [0.1]\ntasks = ["sst2"]\nseeds = [0]\n')
+    assert main(["grid", str(grid), "--dry-run", "--runs-dir", str(tmp_path), "--data-dir", str(shared_data)]) == 2  # not "done"
