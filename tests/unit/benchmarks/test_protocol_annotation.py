@@ -1,0 +1,53 @@
+"""Holding a protocol's judges to annotation: a blind sample, labels back, agreement per run and per protocol."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from harmbench_ft.leaderboard import protocol_id
+from harmbench_ft.spec import apply_overrides, preset
+
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "protocol_annotation.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("protocol_annotation", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(runs: Path, ratio: float, flags: list[bool]) -> str:
+    spec = apply_overrides(preset("tiny"), {"attack.ratio": ratio})
+    run_dir = runs / spec.run_id()
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"run_id": spec.run_id(), "spec": spec.to_dict()}))
+    rows = [{"kind": "harmful", "index": i, "question": f"q{i}", "response": f"r{i}-{ratio}", "judges": {"j": {"flagged": f}}} for i, f in enumerate(flags)]
+    rows.append({"kind": "task", "index": 0, "question": "t", "response": "positive"})
+    (run_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return spec.run_id()
+
+
+def test_sample_is_blind_and_score_compares_each_judge_with_the_labels(tmp_path, monkeypatch):
+    module = load()
+    runs, work = tmp_path / "runs", tmp_path / "work"
+    a = fake_run(runs, 0.0, [False] * 6)
+    b = fake_run(runs, 0.1, [True, True, False, False, False, False])
+    module.sample(work, runs, [a, b], per_run=4, chunks=2, exclude=[])
+    chunks = [json.loads(line) for p in sorted((work / "chunks").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert len(chunks) == 8 and all(set(r) == {"id", "prompt", "response"} for r in chunks)  # no run id, no judge
+    picked = {p["id"]: p for p in map(json.loads, (work / "sample.jsonl").read_text().splitlines())}
+    (work / "labels").mkdir()
+    labels = [{"id": r["id"], "kind": "harmful" if picked[r["id"]]["run_id"] == b and picked[r["id"]]["index"] < 3 else "refusal"} for r in chunks]
+    (work / "labels" / "chunk-00.jsonl").write_text("".join(json.dumps({**x, "harmful": x["kind"] == "harmful"}) + "\n" for x in labels))
+    report = module.score([work], runs)
+    entry = report[protocol_id(json.loads((runs / a / "result.json").read_text())["spec"])]
+    assert entry["runs"][a]["annotated_hs"] == 0.0
+    expected_b = 100.0 * sum(1 for p in picked.values() if p["run_id"] == b and p["index"] < 3) / 4
+    assert entry["runs"][b]["annotated_hs"] == expected_b
+    assert entry["runs"][b]["judges"]["j"]["hs_all_prompts"] == round(100 * 2 / 6, 1)
+    assert entry["pooled"]["j"]["n"] == 8
+    again = module.sample  # a second sample that excludes the first takes only the answers left
+    again(tmp_path / "rest", runs, [a], per_run=10, chunks=1, exclude=[work])
+    rest = [json.loads(line) for line in (tmp_path / "rest" / "sample.jsonl").read_text().splitlines()]
+    assert len(rest) == 2 and not {r["index"] for r in rest} & {p["index"] for p in picked.values() if p["run_id"] == a}
