@@ -196,16 +196,21 @@ def further_judge_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("HS/") and c != f"HS/{df['judge'].iloc[0]}" and df[c].notna().any()]
 
 
+def measured_agreement(judge: str) -> dict[str, Any] | None:
+    """The judge's own measured agreement with careful annotation, or None (unknown judge, or never measured)."""
+    try:
+        return get_registry().get("judges", judge).agreement()
+    except UsageError:
+        return None
+
+
 def agreement_note(judges: list[str]) -> str:
     """Each judge's measured agreement with careful annotation, as the judge reports it, or that none is known."""
     from harmbench_ft.evaluation.agreement import format_agreement
 
     lines = []
     for name in judges:
-        try:
-            measured = get_registry().get("judges", name).agreement()
-        except UsageError:
-            measured = None
+        measured = measured_agreement(name)
         if measured:
             lines.append(f"- `{name}`: {format_agreement(measured)}; measured on {measured['set']}")
         else:
@@ -216,46 +221,48 @@ def agreement_note(judges: list[str]) -> str:
 ANNOTATIONS_DIR = "annotations"  # under the leaderboard folder: <protocol id>.json, by benchmarks/protocol_annotation.py
 
 
-def protocol_annotation_note(out_dir: Path, proto_id: str) -> str:
+def read_protocol_annotation(out_dir: Path, proto_id: str) -> dict[str, Any] | None:
+    """This protocol's annotation report (benchmarks/protocol_annotation.py), or None; a malformed one is skipped with a warning."""
+    path = Path(out_dir) / ANNOTATIONS_DIR / f"{proto_id}.json"
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(entry, dict) and isinstance(entry.get("pooled"), dict) and isinstance(entry.get("runs"), dict):
+            return entry
+    except ValueError:
+        pass
+    _warn(f"skipping {path}: not a protocol annotation report")
+    return None
+
+
+def protocol_annotation_note(annotation: dict[str, Any] | None, proto_id: str) -> str:
     """Each judge's agreement with careful annotation of this protocol's own answers, when they were annotated."""
     from harmbench_ft.evaluation.agreement import format_agreement
 
-    path = Path(out_dir) / ANNOTATIONS_DIR / f"{proto_id}.json"
-    if not path.is_file():
+    if annotation is None:
         return ""
     try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-        lines = [f"- `{name}`: {format_agreement(measured)}" for name, measured in entry["pooled"].items()]
-        runs = [f"- `{run_id}`: annotated HS {r['annotated_hs']} on {r['n_annotated']} answers; " + ", ".join(f"{j} {v['on_sample']['judge_hs']}" for j, v in r["judges"].items()) for run_id, r in entry["runs"].items()]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        _warn(f"skipping {path}: not a protocol annotation report")
+        lines = [f"- `{name}`: {format_agreement(measured)}" for name, measured in annotation["pooled"].items()]
+        runs = [f"- `{run_id}`: annotated HS {r['annotated_hs']} on {r['n_annotated']} answers; " + ", ".join(f"{j} {v['on_sample']['judge_hs']}" for j, v in r["judges"].items()) for run_id, r in annotation["runs"].items()]
+    except (KeyError, TypeError, AttributeError):
+        _warn(f"skipping {ANNOTATIONS_DIR}/{proto_id}.json: not a protocol annotation report")
         return ""
-    return f"On this protocol's own answers ({entry.get('set', path.name)}; `{ANNOTATIONS_DIR}/{path.name}`):\n\n" + "\n".join(lines) + "\n\nPer run, the annotated HS and each judge's HS on the same answers:\n\n" + "\n".join(runs) + "\n\n"
+    return f"On this protocol's own answers ({annotation.get('set', proto_id)}; `{ANNOTATIONS_DIR}/{proto_id}.json`):\n\n" + "\n".join(lines) + "\n\nPer run, the annotated HS and each judge's HS on the same answers:\n\n" + "\n".join(runs) + "\n\n"
 
 
-def _protocol_agreement(out_dir: Path, proto_id: str, judge: str) -> dict[str, Any] | None:
-    path = Path(out_dir) / ANNOTATIONS_DIR / f"{proto_id}.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["pooled"][judge] if path.is_file() else None
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def validity_banner(judge: str, out_dir: Path | None = None, proto_id: str | None = None) -> str:
+def validity_banner(judge: str, annotation: dict[str, Any] | None = None) -> str:
     """A warning above a table whose headline judge is not validated: κ < VALIDATED_KAPPA on the labelled set or,
-    where this protocol's own answers were annotated, on those; or never measured."""
+    where this protocol's own answers were annotated (`annotation`), on those; or never measured."""
     from harmbench_ft.evaluation.agreement import VALIDATED_KAPPA, is_validated
 
-    try:
-        measured = get_registry().get("judges", judge).agreement()
-    except UsageError:
-        measured = None
-    own = _protocol_agreement(out_dir, proto_id, judge) if out_dir is not None and proto_id else None
+    own = (annotation or {}).get("pooled", {}).get(judge)
     if own is not None and not is_validated(own):
         return (
             f"> **Not validated on this protocol's answers**: `{judge}` agrees with careful annotation of them at κ {own['kappa']:.2f} "
             f"(HS {own['judge_hs']:.1f} against an annotated {own['labelled_hs']:.1f}; validated: κ ≥ {VALIDATED_KAPPA}). Read its HS with the annotated HS below.\n\n"
         )
+    measured = measured_agreement(judge)
     if is_validated(measured):
         return ""
     kappa = f"κ {measured['kappa']:.2f} with careful annotation" if measured and measured.get("kappa") is not None else "no measured agreement with careful annotation"
@@ -422,19 +429,20 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
         table, csv = protocol_table(sub)
         proto = first["_proto"]
         settings = "\n".join(f"- `{k}`: `{v}`" for k, v in _flatten(proto).items())
+        annotation = read_protocol_annotation(out_dir, proto_id)
         params = sub.drop_duplicates("defense_args").sort_values("defense")
         defenses = "\n".join(f"- `{r.defense}`: " + (", ".join(f"{k}={v}" for k, v in json.loads(r.defense_args).items()) or "no parameters") for r in params.itertuples())
         md = (
             f"# {title}\n\n"
             + (f"> {SUPERSEDED_PRESETS[first['preset']]}\n\n" if first["preset"] in SUPERSEDED_PRESETS else "")
-            + validity_banner(first["judge"], out_dir, proto_id)
+            + validity_banner(first["judge"], annotation)
             + f"Harmful score (HS, %, judge: **{first['judge']}**; lower is better) and fine-tune accuracy (FA, %; higher is better) "
             f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
             f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
             f"![HS and FA against the poison ratio]({stem}.png)\n\n"
             + "".join(f"## HS by judge `{c[3:]}`\n\n{judge_table(sub, c[3:])}\n\n" for c in further_judge_columns(sub))
             + f"## Judges' agreement with careful annotation\n\n{agreement_note([first['judge'], *(c[3:] for c in further_judge_columns(sub))])}\n\n"
-            + protocol_annotation_note(out_dir, proto_id)
+            + protocol_annotation_note(annotation, proto_id)
             + (f"{sub['HS'].isna().sum()} of {len(sub)} records hold no HS by `{first['judge']}` (–): their answers were not stored, so they could not be re-judged.\n\n" if sub["HS"].isna().any() else "")
             + (f"No record of this protocol holds an HS by `{judge}` (their answers were not stored), so the table is headed by its own judge `{first['judge']}`.\n\n" if proto_id in fallback else "")
             + f"## Defenses\n\n{defenses}\n\n"

@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 
 from harmbench_ft import results
-from harmbench_ft.errors import UsageError
 from harmbench_ft.data.windows import RunData, build_run_data
 from harmbench_ft.defense import Defense, PostContext, Stage
+from harmbench_ft.errors import UsageError
 from harmbench_ft.evaluation.backends import ServedModel
 from harmbench_ft.evaluation.evaluate import evaluate
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart

@@ -265,7 +265,7 @@ V2_FT_EPOCHS, V2_FT_LR = 5, 3e-4  # protocol v2: 125 fine-tuning steps; at v1's 
 
 
 def _cpu() -> RunSpec:
-    """Protocol v2: SmolLM2-135M-Instruct on real data, chosen with the validated judge (docs/leaderboard.md).
+    """Protocol v2: SmolLM2-135M-Instruct on real data, chosen with pair-clf and checked against careful annotation (docs/leaderboard.md).
 
     v1 aligned on refusals only, so the aligned model refused everything and any benign fine-tune had to undo
     refusing in general: annotated, its SST2 fine-tune at p=0 was already ~27% harmful. v2 aligns on the same
@@ -283,6 +283,7 @@ def _cpu() -> RunSpec:
     spec.finetune.epochs, spec.finetune.lr = float(V2_FT_EPOCHS), V2_FT_LR
     spec.evaluation.judges = list(CPU_JUDGES)
     return spec
+
 
 def _paper() -> RunSpec:
     """Llama-2-7B with the Booster paper's protocol (protocol.md; git-disl/Booster scripts), for GPU users."""

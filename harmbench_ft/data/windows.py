@@ -19,7 +19,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from harmbench_ft.data.formatting import Example, normalize_prompt
-from harmbench_ft.data.sources import load_rows
+from harmbench_ft.data.sources import get_source, load_rows
 from harmbench_ft.data.tasks import Task
 from harmbench_ft.errors import UsageError
 from harmbench_ft.spec import RunSpec
@@ -68,8 +68,6 @@ def _benign_alignment_rows(spec: RunSpec, task: Task, taken: set[str], data_dir)
     al = spec.alignment
     if not al.n_benign:
         return []
-    from harmbench_ft.data.sources import get_source
-
     source = get_source(al.benign_source)
     if not {"instruction", "output"} <= set(source.columns):
         raise UsageError(f"alignment.benign_source={al.benign_source!r} has no instruction/output columns; use an instruction data set such as alpaca-train")

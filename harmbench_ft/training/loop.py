@@ -107,7 +107,7 @@ def train(
         Console(stderr=True).print(f"hft-bench: the checkpoint {checkpoints.path} does not fit this stage (other parameters, streams or schedule); the stage starts over")
         saved = None
     if saved is not None:
-        first_step, losses, metric_sums = _restore(saved, names, params, optimizer, streams, checkpoints.defense, len(schedule))
+        first_step, losses, metric_sums = _restore(saved, params, optimizer, streams, checkpoints.defense)
     start = time.perf_counter()
     with progress_bar() as progress:
         bar = progress.add_task(description, total=len(schedule), loss=float("nan"), rate=0.0, completed=first_step)
@@ -165,7 +165,7 @@ def _fits(saved: dict[str, Any], params, streams, n_steps: int) -> bool:
         return False
 
 
-def _restore(saved: dict[str, Any], names, params, optimizer, streams, defense, n_steps: int) -> tuple[int, list[float], dict[str, float]]:
+def _restore(saved: dict[str, Any], params, optimizer, streams, defense) -> tuple[int, list[float], dict[str, float]]:
     """Put the stage back where the checkpoint was."""
     with torch.no_grad():
         for p, value in zip(params, saved["params"]):

@@ -87,7 +87,6 @@ class Lisa(Defense):
         grads = [g + rho * d.to(g.dtype) for g, d in zip(grads, drift)]
         return StepResult(loss, grads, {"proximal": float(rho / 2 * global_norm(drift) ** 2)})
 
-
     # A checkpoint mid-stage must carry the current state and the anchor, or a resumed run would not switch as
     # an uninterrupted one does.
     STATES = ("alignment", "user")
