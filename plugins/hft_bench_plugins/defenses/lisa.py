@@ -23,8 +23,8 @@ class Params:
     k_align: int = 100
     # User steps per block: protocol.md section 3, Lisa paper: K_ft=900.
     k_ft: int = 900
-    # No proximal term while step < warmup_fraction * total steps (the whole schedule, alignment steps included):
-    # protocol.md section 3 ("the first 10%"); git-disl/Lisa trainer.py skips it early as it hurt GSM8K convergence.
+    # No proximal term while step <= warmup_fraction * total steps (the whole schedule, alignment steps included):
+    # protocol.md section 3; git-disl/Lisa trainer.py adds it only when `steps > 0.1 * T` (it hurt GSM8K convergence).
     warmup_fraction: float = 0.1
 
     def validate(self) -> None:
@@ -53,7 +53,7 @@ class Lisa(Defense):
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
         self.state: str | None = None  # the source of the previous step: "alignment" or "user"
-        self.anchor: list[torch.Tensor] | None = None  # where the other state ended; None until the first switch
+        self.anchor: list[torch.Tensor] | None = None  # where the other state ended; the initial weights before the first switch
 
     def schedule(self, stage: Stage, n_steps: int) -> list[str]:
         """Blocks of k_align "alignment" then up to k_ft "user" steps, until exactly n_steps user steps.
@@ -70,16 +70,18 @@ class Lisa(Defense):
 
     def step(self, ctx: StepContext, batches: list) -> StepResult:
         rho = self.params.rho
-        if ctx.step == 0:  # a new run: forget any state from a previous one
-            self.state, self.anchor = ctx.source, None
-        if ctx.source != self.state:
+        if ctx.step == 0:
+            # A new run. Both anchors start at the initial weights (git-disl/Lisa trainer.py `init`), so the first
+            # block is pulled towards the starting point once the warm-up is over.
+            self.state, self.anchor = ctx.source, [p.detach().clone() for p in ctx.params]
+        elif ctx.source != self.state:
             # A state switch: the weights now are where the other state ended (its last update is applied).
             self.state = ctx.source
             self.anchor = [p.detach().clone() for p in ctx.params]
 
         loss, grads = loss_gradient(ctx.model, ctx.params, batches)
-        warming_up = ctx.step < self.params.warmup_fraction * ctx.total_steps
-        if self.anchor is None or warming_up or rho == 0:
+        warming_up = ctx.step <= self.params.warmup_fraction * ctx.total_steps
+        if warming_up or rho == 0:
             return StepResult(loss, grads, {"proximal": 0.0})
 
         # ∇ (ρ/2)‖w − anchor‖² = ρ (w − anchor), added to the loss gradient before the loop clips it.

@@ -67,11 +67,14 @@ def test_anchor_is_recorded_at_each_switch_and_the_proximal_gradient_is_rho_time
     ctx = lambda step, source: make_ctx(model, Stage.FINETUNE, {}, step=step, total_steps=8, source=source)  # noqa: E731
     params = ctx(0, "alignment").params
 
-    # Alignment state, no anchor yet: plain gradient, even after the weights moved.
+    # The first alignment block is anchored at the initial weights (git-disl/Lisa trainer.py `init`): step 0 has
+    # no proximal term (the reference needs steps > 0.1·T), step 1 is pulled back by ρ (w − w0).
+    initial = [p.detach().clone() for p in params]
     assert_grads(lisa.step(ctx(0, "alignment"), align), plain_gradient(model, params, align[0]))
-    move(params, seed=1)
-    assert_grads(lisa.step(ctx(1, "alignment"), align), plain_gradient(model, params, align[0]))
-    assert lisa.anchor is None
+    assert all(torch.equal(a, w) for a, w in zip(lisa.anchor, initial))
+    drift = move(params, seed=1)
+    plain = plain_gradient(model, params, align[0])
+    assert_grads(lisa.step(ctx(1, "alignment"), align), [g + rho * d for g, d in zip(plain, drift)])
 
     # Switch to user: the anchor is where alignment ended, so the drift (and the proximal term) is zero.
     where_alignment_ended = [p.detach().clone() for p in params]
@@ -100,7 +103,7 @@ def test_no_proximal_term_during_warm_up(tiny):
     align = make_batches(tok, ROWS[:4], micro=4)
     user = make_batches(tok, ROWS[4:], micro=4)
     rho = 2.0
-    lisa = Lisa(Params(rho=rho, k_align=1, k_ft=5, warmup_fraction=0.3))  # 10 steps: steps 0, 1, 2 warm up
+    lisa = Lisa(Params(rho=rho, k_align=1, k_ft=5, warmup_fraction=0.3))  # 10 steps: steps 0 to 3 warm up
     ctx = lambda step, source: make_ctx(model, Stage.FINETUNE, {}, step=step, total_steps=10, source=source)  # noqa: E731
     params = ctx(0, "alignment").params
 
@@ -110,10 +113,13 @@ def test_no_proximal_term_during_warm_up(tiny):
     warm = lisa.step(ctx(2, "user"), user)
     assert_grads(warm, plain_gradient(model, params, user[0]))  # an anchor exists and w moved, but step 2 < 0.3 * 10
     assert warm.metrics["proximal"] == 0.0
-
     second = move(params, seed=2)
+    # Step 3 = 0.3 * 10 exactly: still warming up, as the reference adds the term only when steps > 0.1·T.
+    assert_grads(lisa.step(ctx(3, "user"), user), plain_gradient(model, params, user[0]))
+
+    third = move(params, seed=3)
     plain = plain_gradient(model, params, user[0])
-    assert_grads(lisa.step(ctx(3, "user"), user), [g + rho * (a + b) for g, a, b in zip(plain, first, second)])
+    assert_grads(lisa.step(ctx(4, "user"), user), [g + rho * (a + b + c) for g, a, b, c in zip(plain, first, second, third)])
 
 
 def test_real_loop_over_the_schedule_uses_every_user_row_once(tiny):
@@ -137,8 +143,8 @@ def test_real_loop_over_the_schedule_uses_every_user_row_once(tiny):
     assert user.rows_served == len(ROWS)  # one epoch: exactly n rows ...
     assert user.order == []  # ... and the epoch's permutation is used up: each row served once
     assert alignment.rows_served == 2 * cfg.batch_size
-    # the loop records the mean of what the steps reported: the proximal term, zero until the first switch
-    # and during the warm-up (none here: 10% of 6 steps rounds to step 0 only), positive afterwards
+    # the loop records the mean of what the steps reported: the proximal term, zero during the warm-up (10% of 6
+    # steps: step 0 only) and positive afterwards
     assert stats.metrics["proximal"] > 0.0
 
 
@@ -157,3 +163,27 @@ def test_registers_as_lisa():
     registered = []
     lisa.hft_register_defenses(registered.append)
     assert registered == [Lisa] and Lisa.name == "lisa" and Lisa.stages == (Stage.FINETUNE,) and Lisa.needs == ("alignment",)
+
+
+def test_the_anchor_fix_leaves_every_committed_lisa_cell_unchanged():
+    """Before the fix the first block had no anchor and the warm-up ended at step == f·T; after it, the first block
+    is anchored at the initial weights and the warm-up includes step f·T. The two compute the same run when the
+    whole first alignment block lies inside the warm-up and f·T is not a step index after it, which holds for
+    every grid committed under leaderboards/grids, so their Lisa records stand (issue 16, item 4)."""
+    from pathlib import Path
+
+    from harmbench_ft.grid.gridfile import expand, load_grid
+
+    checked = 0
+    for path in sorted((Path(__file__).parents[3] / "leaderboards" / "grids").glob("*.toml")):
+        for spec in expand(load_grid(path)):
+            if spec.defense.name != "lisa":
+                continue
+            lisa = Lisa(Lisa.make_params(spec.defense.args))
+            user_rows = spec.attack.n
+            schedule = lisa.schedule(Stage.FINETUNE, steps_for(user_rows, spec.finetune))
+            bound = lisa.params.warmup_fraction * len(schedule)
+            assert lisa.params.k_align - 1 <= bound, (path.name, spec.run_id())
+            assert not (bound == int(bound) and bound >= lisa.params.k_align), (path.name, spec.run_id())
+            checked += 1
+    assert checked >= 8
