@@ -95,6 +95,10 @@ class Defense:
     description: ClassVar[str] = ""
     stages: ClassVar[tuple[Stage, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()  # provider data beyond the stage's primary source
+    # Parameters added after results were published, each with the value a stored record without it meant (RepNoise:
+    # {"variant": "response-tokens"}). While a parameter holds that value it is left out of run ids and artifact
+    # keys, so the stored runs are still found; a stored spec that lacks it is read with that value.
+    params_added_later: ClassVar[dict[str, Any]] = {}
     Params: ClassVar[type] = NoParams
 
     def __init__(self, params: Any = None) -> None:

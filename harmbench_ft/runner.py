@@ -31,7 +31,7 @@ from harmbench_ft.evaluation.evaluate import evaluate
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
 from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, check_model_name, load_adapter, load_base, merge_adapter, trainable_parameters
 from harmbench_ft.plugins import emit, get_registry
-from harmbench_ft.spec import RunSpec, stable_hash, train_key, validate
+from harmbench_ft.spec import RunSpec, hashed_args, stable_hash, train_key, validate
 from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
 from harmbench_ft.training.loop import Checkpoints, train
 
@@ -70,7 +70,7 @@ class StagePlan:
 
 def plan_stages(spec: RunSpec, defense: Defense, data: RunData) -> StagePlan:
     acts = set(defense.stages)
-    params = spec.defense.args
+    params = hashed_args(defense.name, spec.defense.args)
     data_for = lambda stage_sources: {s: data.hashes[s] for s in sorted(stage_sources)}  # noqa: E731
     align_inputs = {
         "model": dataclasses.asdict(spec.model),

@@ -150,11 +150,31 @@ def _later_field_slots(spec: dict[str, Any], create: bool) -> Iterator[tuple[dic
             yield node, path[-1], default
 
 
+def params_added_later(defense: str) -> dict[str, Any]:
+    """A defense's parameters added after results were published, with the values their old records meant."""
+    from harmbench_ft.plugins import get_registry  # here, not at import: the registry loads the plugins
+
+    try:
+        return dict(get_registry().get("defenses", defense).params_added_later)
+    except (UsageError, AttributeError):
+        return {}
+
+
+def hashed_args(defense: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A defense's arguments as they enter run ids and artifact keys: without a later parameter at its old value."""
+    later = params_added_later(defense)
+    return {k: v for k, v in args.items() if not (k in later and v == later[k])}
+
+
 def with_later_defaults(spec: dict[str, Any]) -> dict[str, Any]:
     """A copy of a stored spec (or part of one with the same nesting) with missing later fields filled in."""
     spec = copy.deepcopy(spec)
     for node, key, default in _later_field_slots(spec, create=True):
         node.setdefault(key, default)
+    defense = spec.get("defense")
+    if isinstance(defense, dict) and isinstance(defense.get("args"), dict) and defense["args"]:
+        for key, value in params_added_later(defense.get("name", "")).items():
+            defense["args"].setdefault(key, value)
     return spec
 
 
@@ -200,6 +220,9 @@ def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
     for node, key, default in _later_field_slots(spec, create=False):
         if key in node and node[key] == default:
             del node[key]
+    defense = spec.get("defense")
+    if isinstance(defense, dict) and isinstance(defense.get("args"), dict):
+        defense["args"] = hashed_args(defense.get("name", ""), defense["args"])
     return spec
 
 

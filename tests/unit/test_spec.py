@@ -1,3 +1,4 @@
+import dataclasses
 import pytest
 
 from harmbench_ft.errors import UsageError
@@ -90,3 +91,23 @@ def test_a_bad_value_names_its_field_and_type_without_listing_every_setting():
     assert "finetune.lr: cannot read 'fast' as float" in str(err.value) and "Known settings" not in str(err.value)
     with pytest.raises(UsageError, match="Known settings: .*finetune.lr"):
         apply_overrides(preset("tiny"), {"finetune.lrr": "1"})
+
+
+def test_a_defense_parameter_added_later_keeps_stored_run_ids_and_is_read_back_with_its_old_value():
+    """RepNoise's `variant` came after the v1 runs: at its old value it stays out of the hash, a stored spec without
+    it reads as that value, and the new default (the authors' loss) is a different run."""
+    import json
+    from pathlib import Path
+
+    from harmbench_ft.runner import resolve
+    from harmbench_ft.spec import spec_from_dict
+
+    path = Path(__file__).parents[2] / "leaderboards" / "results" / "repnoise-sst2-p0.1-n200-s0-a38ceb218c" / "result.json"
+    record = json.loads(path.read_text())
+    assert "variant" not in record["spec"]["defense"]["args"]
+    stored = resolve(spec_from_dict(record["spec"]))[0]
+    assert stored.defense.args["variant"] == "response-tokens" and stored.run_id() == record["run_id"]
+
+    fresh = dataclasses.replace(stored, defense=dataclasses.replace(stored.defense, args={k: v for k, v in stored.defense.args.items() if k != "variant"}))
+    fresh = resolve(fresh)[0]
+    assert fresh.defense.args["variant"] == "original" and fresh.run_id() != record["run_id"]

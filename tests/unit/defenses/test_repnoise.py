@@ -1,4 +1,5 @@
-"""RepNoise's loss, term by term, against a direct computation from protocol.md section 3.
+"""RepNoise's `response-tokens` loss, term by term, against a direct computation from protocol.md section 3
+(the authors' loss, `variant="original"`, is re-derived in test_repnoise_original.py).
 
 The reference computation below hard-codes the tiny Llama's structure (model.layers[i].mlp, model.norm,
 lm_head) instead of using harmbench_ft.layers, computes pairwise distances by explicit differences, and
@@ -86,7 +87,7 @@ def test_each_term_and_the_total_loss_and_gradient_match_a_direct_computation(ti
     model, tok = tiny
     (x_s,), (x_h,) = paired_batches(tok, micro=4)
     # Non-default weights of different size, so swapping α and β or a term's sign shows.
-    params = Params(alpha=0.7, beta=3.0, noise_seed=5)
+    params = Params(variant="response-tokens", alpha=0.7, beta=3.0, noise_seed=5)
     result, ctx = repnoise_step(model, [x_s], [x_h], params, step=3)
 
     generator = torch.Generator().manual_seed(5 * 1_000_000 + 3)  # the documented per-step seed
@@ -110,8 +111,8 @@ def test_the_gradient_sees_each_term(tiny):
     """Dropping any one term changes the update: a guard that the total-gradient check above has teeth."""
     model, tok = tiny
     (x_s,), (x_h,) = paired_batches(tok, micro=4)
-    full = repnoise_step(model, [x_s], [x_h], Params(alpha=0.7, beta=3.0))[0].grads
-    for params in (Params(alpha=0.0, beta=3.0), Params(alpha=0.7, beta=0.0)):
+    full = repnoise_step(model, [x_s], [x_h], Params(variant="response-tokens", alpha=0.7, beta=3.0))[0].grads
+    for params in (Params(variant="response-tokens", alpha=0.0, beta=3.0), Params(variant="response-tokens", alpha=0.7, beta=0.0)):
         other = repnoise_step(model, [x_s], [x_h], params)[0].grads
         assert max(float((a - b).abs().max()) for a, b in zip(full, other)) > 1e-5
 
@@ -128,9 +129,9 @@ def test_mmd_is_zero_for_identical_samples_and_matches_explicit_distances():
 def test_loss_is_reproducible_and_noise_changes_with_the_step(tiny):
     model, tok = tiny
     safe, harmful = paired_batches(tok, micro=4)
-    a = repnoise_step(model, safe, harmful, Params(beta=1.0), step=2)[0]
-    b = repnoise_step(model, safe, harmful, Params(beta=1.0), step=2)[0]
-    c = repnoise_step(model, safe, harmful, Params(beta=1.0), step=3)[0]
+    a = repnoise_step(model, safe, harmful, Params(variant="response-tokens", beta=1.0), step=2)[0]
+    b = repnoise_step(model, safe, harmful, Params(variant="response-tokens", beta=1.0), step=2)[0]
+    c = repnoise_step(model, safe, harmful, Params(variant="response-tokens", beta=1.0), step=3)[0]
     assert a.metrics["mmd"] == b.metrics["mmd"]
     assert all(torch.equal(g, h) for g, h in zip(a.grads, b.grads))
     assert a.metrics["mmd"] != c.metrics["mmd"]
@@ -165,19 +166,19 @@ def test_hooks_are_removed_after_a_step_and_after_a_failing_forward(tiny):
     model, tok = tiny
     safe, harmful = paired_batches(tok, micro=4)
     mlps = [layer.mlp for layer in llama(model).model.layers]
-    repnoise_step(model, safe, harmful, Params())
+    repnoise_step(model, safe, harmful, Params(variant="response-tokens"))
     assert all(not m._forward_hooks for m in mlps)
     broken = [dict(harmful[0], input_ids=harmful[0]["input_ids"] + 10_000)]  # out of vocabulary: the forward raises
     with pytest.raises(IndexError):
-        repnoise_step(model, safe, broken, Params())
+        repnoise_step(model, safe, broken, Params(variant="response-tokens"))
     assert all(not m._forward_hooks for m in mlps)
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_accumulation_is_exact_for_the_retain_term_alone(tiny):
     model, tok = tiny
-    one = repnoise_step(model, *paired_batches(tok, micro=4), Params(alpha=0.0, beta=0.0))[0]
-    two = repnoise_step(model, *paired_batches(tok, micro=1), Params(alpha=0.0, beta=0.0))[0]
+    one = repnoise_step(model, *paired_batches(tok, micro=4), Params(variant="response-tokens", alpha=0.0, beta=0.0))[0]
+    two = repnoise_step(model, *paired_batches(tok, micro=1), Params(variant="response-tokens", alpha=0.0, beta=0.0))[0]
     assert one.loss == pytest.approx(two.loss, rel=1e-5)
     for a, b in zip(one.grads, two.grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -187,7 +188,7 @@ def test_nonlinear_terms_are_averaged_per_micro_batch(tiny):
     """The documented approximation: exact retain CE + the mean over micro-batches of β·MMD − α·log(H)."""
     model, tok = tiny
     safe, harmful = paired_batches(tok, micro=2)
-    params = Params(alpha=0.5, beta=2.0, noise_seed=1)
+    params = Params(variant="response-tokens", alpha=0.5, beta=2.0, noise_seed=1)
     result = repnoise_step(model, safe, harmful, params, step=0)[0]
     generator = torch.Generator().manual_seed(1 * 1_000_000 + 0)
     parts = [direct_terms(model, s, h, generator) for s, h in zip(safe, harmful)]
@@ -198,7 +199,7 @@ def test_nonlinear_terms_are_averaged_per_micro_batch(tiny):
     assert result.loss == pytest.approx(retain + nonlinear, rel=1e-5)
 
 
-@pytest.mark.parametrize("args", [{"alpha": -1.0}, {"beta": "nan"}, {"noise_seed": -3}])
+@pytest.mark.parametrize("args", [{"alpha": -1.0}, {"beta": "nan"}, {"noise_seed": -3}, {"variant": "tokens"}])
 def test_out_of_range_parameters_are_usage_errors(args):
     name = next(iter(args))
     with pytest.raises(UsageError, match=f"repnoise: {name}="):
