@@ -90,6 +90,7 @@ def results_frame(runs_dir: Path, judge: str | None = None) -> pd.DataFrame:
                 "model": spec["model"]["name"],
                 "task": spec["attack"]["task"],
                 "split": proto["evaluation"]["split"],
+                "regime": proto["finetune"]["regime"],
                 "chance": chance_accuracy(spec["attack"]["task"]),
                 "judge": name,
                 "judge_desc": _judge_desc(headline),
@@ -363,7 +364,8 @@ def _protocol_summary(proto: dict[str, Any], judge_desc: str, judge: str) -> str
             f"- alignment: {al['n_alignment']} refusal rows from `{al['alignment_source']}`"
             + (f" and {al['n_benign']} benign rows from `{al['benign_source']}`" if al.get("n_benign") else "")
             + f", {al['n_harmful']} provider harmful rows; {train(al['train'])}",
-            f"- fine-tuning: {train(ft)}",
+            (f"- fine-tuning (regime `fresh`: the alignment adapter merged, a new LoRA trained on it): {train(ft)}" if ft["regime"] == "fresh"
+             else f"- fine-tuning (regime `continue`: the alignment adapter itself trained on, unmerged, with its own shape): {train(ft).split(', LoRA')[0]}, max length {ft['max_length']}"),
             (
                 f"- evaluation: HS on {ev['n_harmful_prompts']} prompts of `{ev['harmful_prompts']}` ({ev['max_new_tokens']} new tokens), judge `{judge}` ({judge_desc}); "
                 f"FA on {ev['n_task_test'] or 'all'} test rows; backend `{ev['backend']}`"
@@ -377,7 +379,7 @@ def _protocol_summary(proto: dict[str, Any], judge_desc: str, judge: str) -> str
 
 def _title(row: pd.Series) -> str:
     split = " · validation split (tuning)" if row["split"] == "validation" else ""
-    return f"{row['task']} · {row['model']} · preset {row['preset']}{split}"
+    return f"{row['task']} · {row['model']} · preset {row['preset']} · regime {row['regime']}{split}"
 
 
 def _differences(proto_id: str, titles: dict[str, str], df: pd.DataFrame) -> str:

@@ -29,7 +29,7 @@ from harmbench_ft.errors import UsageError
 from harmbench_ft.evaluation.backends import ServedModel
 from harmbench_ft.evaluation.evaluate import evaluate
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
-from harmbench_ft.models.loading import ADAPTER_REGIME, add_lora, check_model_name, load_adapter, load_base, merge_adapter, trainable_parameters
+from harmbench_ft.models.loading import add_lora, check_model_name, finetune_adapter, load_adapter, load_base, merge_adapter, trainable_parameters, under_finetune
 from harmbench_ft.plugins import emit, get_registry
 from harmbench_ft.spec import RunSpec, hashed_args, stable_hash, train_key, validate
 from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
@@ -182,9 +182,10 @@ class Runner:
 
         with self._stage(run_id, "evaluation", stages) as info:
             model, tokenizer = load_base(spec.model)
-            model = merge_adapter(model, align_dir)
-            model = merge_adapter(model, final_dir)
-            served = ServedModel(model, tokenizer, spec.model.name, align_dir, final_dir, extra={"model_spec": dataclasses.asdict(spec.model)})
+            regime = spec.finetune.regime
+            model = merge_adapter(under_finetune(model, align_dir, regime), final_dir)
+            merged_under = align_dir if regime == "fresh" else None  # what an engine merges into the base under the final adapter
+            served = ServedModel(model, tokenizer, spec.model.name, merged_under, final_dir, extra={"model_spec": dataclasses.asdict(spec.model)})
             judges = [registry.get("judges", name)() for name in spec.evaluation.judges]
             backend = registry.get("backends", spec.evaluation.backend)()
             metrics, samples = evaluate(served, data, task, judges, backend, spec.evaluation)
@@ -199,7 +200,7 @@ class Runner:
             "defense": {"name": defense.name, "stages": [s.value for s in defense.stages], "params": spec.defense.args},
             "metrics": metrics,
             "stages": stages,
-            "adapter_regime": ADAPTER_REGIME,
+            "adapter_regime": spec.finetune.regime,
             "data": {"hashes": data.hashes, "n_alignment": len(data.alignment), "n_harmful": len(data.harmful), "n_user": len(data.user), "n_poison": data.n_poison, "n_hs_prompts": len(data.hs_prompts), "n_task_test": len(data.task_test)},
             "artifacts": {"alignment": str(align_dir), "finetune": str(ft_dir), "final": str(final_dir)},
             "provenance": results.provenance(),
@@ -245,7 +246,8 @@ class Runner:
         pair_streams(list(streams.values()))
         return streams
 
-    def _train_with(self, spec: RunSpec, defense: Defense, data: RunData, stage: Stage, model, tokenizer, out: Path) -> dict[str, Any]:
+    def _train_with(self, spec: RunSpec, defense: Defense, data: RunData, stage: Stage, model, tokenizer, out: Path, attach=add_lora) -> dict[str, Any]:
+        """Train the adapter `attach(model, train config)` puts on `model` through one stage, and save it to `out`."""
         train_cfg = spec.alignment.train if stage is Stage.ALIGNMENT else spec.finetune
         acts = stage in defense.stages
         primary = "alignment" if stage is Stage.ALIGNMENT else "user"
@@ -254,7 +256,7 @@ class Runner:
         sources = set(schedule) | (set(defense.needs) if acts else set())
         streams = self._streams(spec, defense, data, stage, tokenizer, sources)
         torch.manual_seed(spec.seed)
-        model = add_lora(model, train_cfg)
+        model = attach(model, train_cfg)
         step_fn = defense.step if acts else Defense.step.__get__(defense)
         checkpoints = Checkpoints(self.checkpoint_dir(out.with_name(out.name.removesuffix(".tmp"))), train_cfg.checkpoint_every, defense if acts else None)
         stats = train(model, step_fn, schedule, streams, train_cfg, stage, description=f"{stage.value} ({defense.name if acts else 'sft'})", checkpoints=checkpoints)
@@ -267,8 +269,10 @@ class Runner:
 
     def _train_finetune(self, spec: RunSpec, defense: Defense, data: RunData, align_dir: Path, out: Path) -> dict[str, Any]:
         model, tokenizer = load_base(spec.model)
-        model = merge_adapter(model, align_dir)
-        stats = self._train_with(spec, defense, data, Stage.FINETUNE, model, tokenizer, out)
+        regime = spec.finetune.regime
+        model = under_finetune(model, align_dir, regime)
+        attach = lambda m, train: finetune_adapter(m, align_dir, regime, train)  # noqa: E731
+        stats = self._train_with(spec, defense, data, Stage.FINETUNE, model, tokenizer, out, attach)
         state = defense.state_dict()
         if state:
             from safetensors.torch import save_file
@@ -278,8 +282,7 @@ class Runner:
 
     def _post_finetune(self, spec: RunSpec, defense: Defense, align_dir: Path, ft_dir: Path, out: Path) -> dict[str, Any]:
         model, _ = load_base(spec.model)
-        model = merge_adapter(model, align_dir)
-        model = load_adapter(model, ft_dir, trainable=True)
+        model = load_adapter(under_finetune(model, align_dir, spec.finetune.regime), ft_dir, trainable=True)
         if (ft_dir / DEFENSE_STATE_FILE).is_file():
             from safetensors.torch import load_file
 

@@ -53,6 +53,22 @@ class TrainConfig:
         self.epochs = float(self.epochs)  # 2 and 2.0 must hash the same
 
 
+REGIMES = ("fresh", "continue")  # protocol.md, "Adapter regime"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """The user's fine-tuning stage: a training stage plus what it trains (protocol.md, "Adapter regime").
+
+    ``fresh``: the alignment adapter is merged into the base and a new LoRA (this config's shape) is trained on
+    top (git-disl/Booster, Vaccine and Lisa baselines). ``continue``: the alignment adapter itself is trained
+    further, unmerged, so its shape is ``alignment.train``'s (``--alternating single_lora``: Booster in its repo;
+    SFT, Booster and Panacea in the Panacea repo). Post-fine-tuning edits act on whichever adapter this trained.
+    """
+
+    regime: str = "fresh"
+
+
 @dataclass
 class AlignmentSpec:
     """The provider's safety alignment stage and the provider-side data sizes."""
@@ -108,7 +124,7 @@ class RunSpec:
     defense: DefenseSpec = field(default_factory=DefenseSpec)
     attack: AttackSpec = field(default_factory=AttackSpec)
     alignment: AlignmentSpec = field(default_factory=AlignmentSpec)
-    finetune: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
 
@@ -135,6 +151,7 @@ LATER_FIELDS: dict[tuple[str, ...], Any] = {
     ("evaluation", "split"): "test",
     ("alignment", "n_benign"): 0,
     ("alignment", "benign_source"): "alpaca-train",
+    ("finetune", "regime"): "fresh",
 }
 
 
@@ -203,8 +220,9 @@ UNHASHED_TRAIN_FIELDS = ("checkpoint_every",)  # TrainConfig fields that never c
 
 
 def train_key(train: dict[str, Any]) -> dict[str, Any]:
-    """A TrainConfig (as a dict) as it enters hashes: without the fields that never change a result."""
-    return {k: v for k, v in train.items() if k not in UNHASHED_TRAIN_FIELDS}
+    """A TrainConfig (as a dict) as it enters hashes: without the fields that never change a result, and without the
+    fine-tune's regime while it is "fresh" (the regime before it was a field), so stored artifact keys hold."""
+    return {k: v for k, v in train.items() if k not in UNHASHED_TRAIN_FIELDS and not (k == "regime" and v == "fresh")}
 
 
 def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +259,7 @@ def _tiny() -> RunSpec:
         model=ModelSpec(name="tiny-llama"),
         attack=AttackSpec(ratio=0.1, n=20),
         alignment=AlignmentSpec(train=copy.deepcopy(train), n_alignment=16, n_harmful=16),
-        finetune=copy.deepcopy(train),
+        finetune=FinetuneConfig(**dataclasses.asdict(train)),
         evaluation=EvalSpec(n_harmful_prompts=8, n_task_test=8, max_new_tokens=8, task_max_new_tokens=4, batch_size=8),
     )
 
@@ -278,7 +296,7 @@ def _cpu_v1() -> RunSpec:
             n_alignment=600,
             n_harmful=600,
         ),
-        finetune=TrainConfig(epochs=FT_EPOCHS, batch_size=8, lr=FT_LR, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ)),
+        finetune=FinetuneConfig(epochs=FT_EPOCHS, batch_size=8, lr=FT_LR, max_length=192, lora_r=32, lora_alpha=32, lora_targets=list(ALL_PROJ)),
         evaluation=EvalSpec(n_harmful_prompts=200, n_task_test=0, max_new_tokens=48, task_max_new_tokens=None, judges=V1_JUDGES, batch_size=16),
     )
 
@@ -323,7 +341,7 @@ def _paper() -> RunSpec:
             harmful_source="beavertails-30k-train",
         ),
         # script/finetune/sft_poison_ratio.sh: 20 epochs, batch 10, lr 1e-5, wd 0.1
-        finetune=TrainConfig(epochs=20, batch_size=10, lr=1e-5, weight_decay=0.1, max_length=512, bf16=True, **lora),
+        finetune=FinetuneConfig(epochs=20, batch_size=10, lr=1e-5, weight_decay=0.1, max_length=512, bf16=True, **lora),
         evaluation=EvalSpec(
             harmful_prompts="beavertails-30k-test",
             n_harmful_prompts=1000,  # Booster: first 1000 unsafe 30k_test prompts
@@ -446,6 +464,8 @@ def validate(spec: RunSpec) -> None:
         problems.append(f"attack.ratio={spec.attack.ratio:g} with attack.n={spec.attack.n} gives no poison row (round(p*n) = 0); raise n or p")
     elif spec.attack.ratio < 1 and round(spec.attack.ratio * spec.attack.n) == spec.attack.n:
         problems.append(f"attack.ratio={spec.attack.ratio:g} with attack.n={spec.attack.n} gives no benign row; raise n or use ratio 1")
+    if spec.finetune.regime not in REGIMES:
+        problems.append(f"finetune.regime must be one of {', '.join(REGIMES)}, got {spec.finetune.regime!r}")
     for name, train in (("alignment.train", spec.alignment.train), ("finetune", spec.finetune)):
         if train.batch_size < 1:
             problems.append(f"{name}.batch_size must be >= 1")

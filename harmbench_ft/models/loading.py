@@ -1,7 +1,11 @@
 """Resolve a model name (alias, hub id, local path, tiny) to a model and tokenizer; LoRA adapters.
 
-The adapter regime is uniform (protocol.md, "Adapter regime"): the alignment adapter is merged into
-the base, and fine-tuning trains a fresh LoRA on top; post-fine-tuning edits that fresh adapter.
+The adapter regime (protocol.md, "Adapter regime"; `finetune.regime`) lives here and nowhere else:
+`under_finetune` gives the model the fine-tune adapter sits on and `finetune_adapter` the adapter the
+fine-tune trains, and the runner's fine-tune, post-fine-tune and evaluation stages all go through them.
+- fresh: the alignment adapter is merged into the base and fine-tuning trains a new LoRA on top;
+- continue: fine-tuning trains the alignment adapter itself, unmerged, on the plain base.
+Post-fine-tuning edits act on the adapter the fine-tune produced, in either regime.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ ALIASES = {
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "HFT_BENCH_CACHE"
-ADAPTER_REGIME = "merge-alignment-then-fresh-lora"
 
 
 def cache_dir() -> Path:
@@ -150,3 +153,15 @@ def merge_adapter(model, adapter_dir: Path):
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def under_finetune(model, alignment_dir: Path, regime: str):
+    """The model the fine-tune's adapter sits on: the base with the alignment merged in (fresh), or the plain base
+    (continue: the fine-tune's adapter is the alignment adapter, trained on)."""
+    return merge_adapter(model, alignment_dir) if regime == "fresh" else model
+
+
+def finetune_adapter(model, alignment_dir: Path, regime: str, train: TrainConfig):
+    """Attach the adapter the fine-tune trains, on `under_finetune`'s model: a new LoRA of `train`'s shape (fresh),
+    or the alignment adapter, trainable (continue)."""
+    return add_lora(model, train) if regime == "fresh" else load_adapter(model, alignment_dir, trainable=True)

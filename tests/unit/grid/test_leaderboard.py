@@ -144,14 +144,14 @@ def test_protocols_with_the_same_title_are_told_apart_by_the_settings_that_diffe
         results.write_json(runs / rec["run_id"] / "result.json", rec)
     write_leaderboards(runs, tmp_path / "lb")
     index = (tmp_path / "lb" / "README.md").read_text()
-    assert "preset tiny · finetune.lr=0.001](" in index and "preset tiny · finetune.lr=0.002](" in index
+    assert "preset tiny · regime fresh · finetune.lr=0.001](" in index and "preset tiny · regime fresh · finetune.lr=0.002](" in index
     titles = sorted(p.read_text().splitlines()[0] for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md")
-    assert titles == ["# sst2 · tiny-llama · preset tiny · finetune.lr=0.001", "# sst2 · tiny-llama · preset tiny · finetune.lr=0.002"]
+    assert titles == ["# sst2 · tiny-llama · preset tiny · regime fresh · finetune.lr=0.001", "# sst2 · tiny-llama · preset tiny · regime fresh · finetune.lr=0.002"]
     lone = next((tmp_path / "lb" / "results").iterdir())  # a protocol alone keeps the plain title
     only = tmp_path / "only"
     results.write_json(only / lone.name / "result.json", json.loads((lone / "result.json").read_text()))
     write_leaderboards(only, tmp_path / "lb2")
-    assert "- [sst2 · tiny-llama · preset tiny](" in (tmp_path / "lb2" / "README.md").read_text()
+    assert "- [sst2 · tiny-llama · preset tiny · regime fresh](" in (tmp_path / "lb2" / "README.md").read_text()
 
 
 def test_validation_runs_get_their_own_table_and_old_records_share_the_test_table(tmp_path):
@@ -166,9 +166,9 @@ def test_validation_runs_get_their_own_table_and_old_records_share_the_test_tabl
         results.write_json(runs / rec["run_id"] / "result.json", rec)
     write_leaderboards(runs, tmp_path / "lb")
     tables = {p.read_text().splitlines()[0]: p.read_text() for p in (tmp_path / "lb").glob("*.md") if p.name != "README.md"}
-    assert sorted(tables) == ["# sst2 · tiny-llama · preset tiny", "# sst2 · tiny-llama · preset tiny · validation split (tuning)"]
-    assert "| sft | 10.0 | 60.0 |" in tables["# sst2 · tiny-llama · preset tiny"]  # old and new records in one table
-    assert "- evaluation on the **validation split**" in tables["# sst2 · tiny-llama · preset tiny · validation split (tuning)"]
+    assert sorted(tables) == ["# sst2 · tiny-llama · preset tiny · regime fresh", "# sst2 · tiny-llama · preset tiny · regime fresh · validation split (tuning)"]
+    assert "| sft | 10.0 | 60.0 |" in tables["# sst2 · tiny-llama · preset tiny · regime fresh"]  # old and new records in one table
+    assert "- evaluation on the **validation split**" in tables["# sst2 · tiny-llama · preset tiny · regime fresh · validation split (tuning)"]
 
 
 def test_a_result_with_fa_at_chance_is_marked_so_its_hs_is_not_read_as_safety(tmp_path):
