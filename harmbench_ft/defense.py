@@ -79,13 +79,45 @@ class StepContext:
 
 @dataclass
 class PostContext:
-    """What a post-fine-tuning edit gets: the fine-tuned model with its adapter's tensors trainable."""
+    """What a post-fine-tuning edit gets: the fine-tuned model with its adapter's tensors trainable, and what a
+    provider still holds after the user's fine-tune.
+
+    An edit either changes ``params`` (the fine-tuned adapter) in place, the result then being that adapter, or
+    takes ``merged_model()`` (the fine-tuned weights merged into a plain model), edits those full weights and hands
+    them to ``keep_full_weights``; the runner saves a full-weight result as a safetensors model folder and serves it
+    instead of base + adapters. Every data window here is disjoint from the HS test prompts and the attack rows.
+    """
 
     model: torch.nn.Module
     params: list[torch.nn.Parameter]
     param_names: list[str]
     seed: int
     artifact_dir: Path  # where the edit may save files beside the adapter (e.g. Panacea's epsilon)
+    tokenizer: Any = None
+    # The provider's harmful (prompt, harmful answer) rows: the same window as the "harmful" data source.
+    harmful: list[Any] = field(default_factory=list)
+    # Held-out (Example, row) pairs of the task's train split (neither the upload nor any FA row), for an edit's
+    # own choices (restoration's rollback and checkpoint); score them with `task_score`.
+    task_validation: list[Any] = field(default_factory=list)
+    # Lazily computed full weights by parameter name of the plain model: the aligned model (base + alignment
+    # adapter) and the base (unaligned) model. Each call builds them anew (a model's worth of memory).
+    aligned_weights: Any = None  # Callable[[], dict[str, torch.Tensor]]
+    base_weights: Any = None  # Callable[[], dict[str, torch.Tensor]]
+    # task_score(model, rows) -> percent correct of a plain model on (Example, row) pairs, generated as the
+    # evaluation generates (greedy, the task's answer budget) and scored by the task.
+    task_score: Any = None
+    full_model: torch.nn.Module | None = None  # set by keep_full_weights
+
+    def merged_model(self) -> torch.nn.Module:
+        """The fine-tuned model as plain full weights (the adapter merged in); ``params`` are stale afterwards."""
+        merged = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+        for p in merged.parameters():
+            p.requires_grad_(False)
+        return merged
+
+    def keep_full_weights(self, model: torch.nn.Module) -> None:
+        """Make these full weights the edit's result (instead of the adapter)."""
+        self.full_model = model
 
 
 class Defense:
@@ -99,6 +131,9 @@ class Defense:
     # {"variant": "response-tokens"}). While a parameter holds that value it is left out of run ids and artifact
     # keys, so the stored runs are still found; a stored spec that lacks it is read with that value.
     params_added_later: ClassVar[dict[str, Any]] = {}
+    # What a post-fine-tuning edit reads beyond the fine-tuned model, so it enters the edit's artifact key:
+    # "harmful" (PostContext.harmful), "task_validation" (PostContext.task_validation).
+    post_needs: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type] = NoParams
 
     def __init__(self, params: Any = None) -> None:
@@ -144,7 +179,8 @@ class Defense:
         return StepResult(loss, grads)
 
     def post_finetune(self, ctx: PostContext) -> dict[str, Any]:
-        """Edit the fine-tuned adapter in place; return what the result should report."""
+        """Edit the fine-tuned adapter in place (or keep edited full weights, see PostContext); return what the
+        result should report: the edit's settings and stats."""
         return {}
 
     # -- state persisted with the fine-tuning artifact (so a resumed run can post-process) ----------

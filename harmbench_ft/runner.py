@@ -27,9 +27,9 @@ from harmbench_ft.data.windows import RunData, build_run_data
 from harmbench_ft.defense import Defense, PostContext, Stage
 from harmbench_ft.errors import UsageError
 from harmbench_ft.evaluation.backends import ServedModel
-from harmbench_ft.evaluation.evaluate import evaluate
+from harmbench_ft.evaluation.evaluate import evaluate, task_accuracy
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
-from harmbench_ft.models.loading import add_lora, check_model_name, finetune_adapter, load_adapter, load_base, merge_adapter, trainable_parameters, under_finetune
+from harmbench_ft.models.loading import add_lora, check_model_name, final_model, finetune_adapter, load_adapter, load_base, merge_adapter, save_full_weights, trainable_parameters, under_finetune
 from harmbench_ft.plugins import emit, get_registry
 from harmbench_ft.spec import RunSpec, hashed_args, stable_hash, train_key, validate
 from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
@@ -90,7 +90,10 @@ def plan_stages(spec: RunSpec, defense: Defense, data: RunData) -> StagePlan:
         "seed": spec.seed,
     }
     finetune = stable_hash(ft_inputs)
-    post = stable_hash({"finetune": finetune, "procedure": defense.name, "params": params, "seed": spec.seed}) if Stage.POST_FINETUNE in acts else None
+    post_inputs = {"finetune": finetune, "procedure": defense.name, "params": params, "seed": spec.seed}
+    if defense.post_needs:  # the data an edit reads (none for random perturbation and Panacea, whose keys stay as they were)
+        post_inputs["data"] = {s: data.hashes.get(s) for s in sorted(defense.post_needs)}
+    post = stable_hash(post_inputs) if Stage.POST_FINETUNE in acts else None
     return StagePlan(alignment, finetune, post, {"alignment": align_inputs, "finetune": ft_inputs})
 
 
@@ -178,13 +181,10 @@ class Runner:
                 info.update(skipped=True, reused=False)
             else:
                 final_dir = self.artifact_dir("post_finetune", plan.post_finetune)
-                info.update(self._build_artifact(final_dir, {"finetune": plan.finetune}, lambda out: self._post_finetune(spec, defense, align_dir, ft_dir, out)))
+                info.update(self._build_artifact(final_dir, {"finetune": plan.finetune}, lambda out: self._post_finetune(spec, defense, data, align_dir, ft_dir, out)))
 
         with self._stage(run_id, "evaluation", stages) as info:
-            model, tokenizer = load_base(spec.model)
-            regime = spec.finetune.regime
-            model = merge_adapter(under_finetune(model, align_dir, regime), final_dir)
-            merged_under = align_dir if regime == "fresh" else None  # what an engine merges into the base under the final adapter
+            model, tokenizer, merged_under = final_model(spec.model, align_dir, final_dir, spec.finetune.regime)
             served = ServedModel(model, tokenizer, spec.model.name, merged_under, final_dir, extra={"model_spec": dataclasses.asdict(spec.model)})
             judges = [registry.get("judges", name)() for name in spec.evaluation.judges]
             backend = registry.get("backends", spec.evaluation.backend)()
@@ -280,16 +280,32 @@ class Runner:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / DEFENSE_STATE_FILE))
         return stats
 
-    def _post_finetune(self, spec: RunSpec, defense: Defense, align_dir: Path, ft_dir: Path, out: Path) -> dict[str, Any]:
-        model, _ = load_base(spec.model)
+    def _post_finetune(self, spec: RunSpec, defense: Defense, data: RunData, align_dir: Path, ft_dir: Path, out: Path) -> dict[str, Any]:
+        model, tokenizer = load_base(spec.model)
         model = load_adapter(under_finetune(model, align_dir, spec.finetune.regime), ft_dir, trainable=True)
         if (ft_dir / DEFENSE_STATE_FILE).is_file():
             from safetensors.torch import load_file
 
             defense.load_state_dict(load_file(str(ft_dir / DEFENSE_STATE_FILE)))
         named = trainable_parameters(model)
-        ctx = PostContext(model, [p for _, p in named], [n for n, _ in named], spec.seed, out)
-        with torch.no_grad():
+        task = get_registry().get("tasks", spec.attack.task)
+        backend = get_registry().get("backends", "hf")()
+
+        def task_score(plain_model, rows) -> float:
+            served = ServedModel(plain_model, tokenizer, spec.model.name)
+            return task_accuracy(served, rows, task, backend, spec.evaluation.task_max_new_tokens or task.max_new_tokens, spec.evaluation.batch_size)[0]
+
+        ctx = PostContext(
+            model, [p for _, p in named], [n for n, _ in named], spec.seed, out, tokenizer=tokenizer,
+            harmful=data.harmful, task_validation=data.task_validation,
+            aligned_weights=lambda: merge_adapter(load_base(spec.model)[0], align_dir).state_dict(),
+            base_weights=lambda: load_base(spec.model)[0].state_dict(),
+            task_score=task_score,
+        )
+        with torch.no_grad():  # an edit that needs gradients enables them itself
             report = defense.post_finetune(ctx)
+        if ctx.full_model is not None:
+            save_full_weights(ctx.full_model, out)
+            return {"report": report, "result": "full weights"}
         model.save_pretrained(out, safe_serialization=True)
         return {"report": report}

@@ -38,6 +38,13 @@ class RunData:
     hs_prompts: list[Example]  # harmful-score prompts (output empty)
     task_test: list[tuple[Example, dict]]  # (prompt, original row) for the fine-tune accuracy
     hashes: dict[str, str] = field(default_factory=dict)
+    # Held-out (prompt, row) pairs of the task's train split for a post-fine-tuning edit's own choices: the
+    # N_TASK_VALIDATION rows just before the validation-split FA rows at the permutation's end (empty when the
+    # split has no room for them beside the upload).
+    task_validation: list[tuple[Example, dict]] = field(default_factory=list)
+
+
+N_TASK_VALIDATION = 256  # restoration's benign prompts (kangyangWHU/LLMAlignment run_recover_exp.py: 256)
 
 
 def rows_hash(examples: list) -> str:
@@ -156,7 +163,13 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
         raise UsageError(f"{task.test_source}: the fine-tune accuracy needs {test_size} rows but the split has {len(test_rows)}; set evaluation.n_task_test to at most {len(test_rows)}" if test_rows else f"{task.test_source}: the test split is empty")
     task_test = [(task.example(r), r) for r in test_rows[:test_size]]
 
-    data = RunData(alignment, harmful, harmful_refusals, benign + poison, n_poison, hs_prompts, task_test)
+    # The post-fine-tuning edits' window sits before the validation-split FA rows, so it is the same on both splits.
+    end = len(order) - test_size
+    shares_end = task.train_source == al.benign_source and al.n_benign > 0  # benign alignment rows come from that end
+    room = not shares_end and end - N_TASK_VALIDATION >= n_benign
+    task_validation = [(task.example(benign_rows[i]), benign_rows[i]) for i in order[end - N_TASK_VALIDATION : end]] if room else []
+
+    data = RunData(alignment, harmful, harmful_refusals, benign + poison, n_poison, hs_prompts, task_test, task_validation=task_validation)
     data.hashes = {
         "alignment": rows_hash(alignment),
         "harmful": rows_hash(harmful),
@@ -165,4 +178,6 @@ def build_run_data(spec: RunSpec, task: Task, data_dir=None) -> RunData:
         "hs_prompts": rows_hash(hs_prompts),
         "task_test": rows_hash([r for _, r in task_test]),
     }
+    if task_validation:
+        data.hashes["task_validation"] = rows_hash([r for _, r in task_validation])
     return data

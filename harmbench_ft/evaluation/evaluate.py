@@ -46,13 +46,20 @@ def evaluate(served: ServedModel, data: RunData, task: Task, judges: list[Judge]
         if i == 0:
             metrics["harmful_score"], metrics["harmful_score_plus"] = hs, hs_plus
 
-    task_prompts = [e.prompt for e, _ in data.task_test]
-    task_responses = backend.generate(served, task_prompts, ev.task_max_new_tokens or task.max_new_tokens, ev.batch_size)
-    verdicts = []
-    for i, ((example, row), prompt, response) in enumerate(zip(data.task_test, task_prompts, task_responses)):
+    accuracy, task_samples = task_accuracy(served, data.task_test, task, backend, ev.task_max_new_tokens or task.max_new_tokens, ev.batch_size)
+    samples += task_samples
+    if task.scored:
+        metrics["finetune_accuracy"] = accuracy
+    return metrics, samples
+
+
+def task_accuracy(served: ServedModel, rows: list, task: Task, backend: Backend, max_new_tokens: int, batch_size: int) -> tuple[float, list[dict[str, Any]]]:
+    """Percent correct on (Example, row) pairs (nan for an unscored task), and one sample record per row."""
+    prompts = [e.prompt for e, _ in rows]
+    responses = backend.generate(served, prompts, max_new_tokens, batch_size)
+    samples, verdicts = [], []
+    for i, ((example, row), prompt, response) in enumerate(zip(rows, prompts, responses)):
         correct = task.score(response, row) if task.scored else None
         verdicts.append(correct)
         samples.append({"kind": "task", "index": i, "task": task.name, "prompt": prompt, "response": response, "reference": example.output, "correct": correct})
-    if task.scored:
-        metrics["finetune_accuracy"] = percent([bool(v) for v in verdicts])
-    return metrics, samples
+    return (percent([bool(v) for v in verdicts]) if task.scored else float("nan")), samples

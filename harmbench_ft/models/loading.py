@@ -165,3 +165,25 @@ def finetune_adapter(model, alignment_dir: Path, regime: str, train: TrainConfig
     """Attach the adapter the fine-tune trains, on `under_finetune`'s model: a new LoRA of `train`'s shape (fresh),
     or the alignment adapter, trainable (continue)."""
     return add_lora(model, train) if regime == "fresh" else load_adapter(model, alignment_dir, trainable=True)
+
+
+FULL_WEIGHTS_FILE = "model.safetensors"  # a post-fine-tuning edit's full-weight result (PostContext.keep_full_weights)
+
+
+def save_full_weights(model, folder: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(Path(folder) / FULL_WEIGHTS_FILE))  # handles tied embeddings
+
+
+def final_model(spec_model: ModelSpec, alignment_dir: Path, final_dir: Path, regime: str):
+    """(model, tokenizer, the adapter merged under the final one or None) of a run's final artifact: full weights
+    saved by a post-fine-tuning edit, or the base with the regime's adapters merged."""
+    model, tokenizer = load_base(spec_model)
+    if (Path(final_dir) / FULL_WEIGHTS_FILE).is_file():
+        from safetensors.torch import load_model
+
+        load_model(model, str(Path(final_dir) / FULL_WEIGHTS_FILE))
+        return model, tokenizer, None
+    model = merge_adapter(under_finetune(model, alignment_dir, regime), final_dir)
+    return model, tokenizer, (alignment_dir if regime == "fresh" else None)
