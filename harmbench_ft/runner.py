@@ -10,6 +10,7 @@ alignment stage: sft, lisa, panacea and random-perturbation share one alignment.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -36,6 +37,23 @@ from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
 from harmbench_ft.training.loop import Checkpoints, train
 
 ARTIFACT_FILE = "artifact.json"  # written last: an artifact folder without it is not an artifact
+
+
+def file_sha256(path: Path) -> str | None:
+    """Hex sha256 of a file, None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a built artifact, by path relative to it, recorded in its artifact.json."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ARTIFACT_FILE}
 DEFENSE_STATE_FILE = "defense_state.safetensors"
 STAGES = ("alignment", "finetune", "post_finetune", "evaluation")
 
@@ -222,20 +240,42 @@ class Runner:
         return artifact.with_name(artifact.name + ".ckpt")
 
     def _build_artifact(self, path: Path, inputs: dict[str, Any], build) -> dict[str, Any]:
-        """Reuse the artifact at `path`, or build it into a temporary folder and rename it into place."""
+        """Reuse the artifact at `path` if its files still match the checksums recorded when it was built; else
+        (re)build it into a temporary folder and rename it into place."""
         with results.file_lock(path.with_name(path.name + ".lock")):
             if self.artifact_ready(path):
-                meta = json.loads((path / ARTIFACT_FILE).read_text())
-                return {"reused": True, "artifact": str(path), **meta.get("stats", {})}
+                meta = self._verified_meta(path)
+                if meta is not None:
+                    return {"reused": True, "artifact": str(path), **meta.get("stats", {})}
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             stats = build(tmp)
-            results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats})
+            results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats, "files": file_checksums(tmp)})
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
             shutil.rmtree(self.checkpoint_dir(path), ignore_errors=True)
             return {"reused": False, "artifact": str(path), **stats}
+
+    def _verified_meta(self, path: Path) -> dict[str, Any] | None:
+        """The artifact's record if every file it lists is intact; None (after a one-line notice) if not, so the
+        caller rebuilds it. Artifacts built before checksums were recorded are trusted as they are."""
+        try:
+            meta = json.loads((path / ARTIFACT_FILE).read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+            problem = f"its {ARTIFACT_FILE} is unreadable"
+        elif "files" not in meta:
+            return meta
+        else:
+            inside = lambda name: (path / name).resolve().is_relative_to(path.resolve())  # noqa: E731  (a name read from a file is not trusted as a path)
+            bad = [name for name, digest in sorted(meta["files"].items()) if not inside(name) or file_sha256(path / name) != digest]
+            if not bad:
+                return meta
+            problem = f"{bad[0]} is missing or does not match its recorded checksum"
+        self.console.print(f"hft-bench: artifact {path} is damaged ({problem}); rebuilding it", highlight=False, soft_wrap=True)
+        return None
 
     # -- stage bodies -------------------------------------------------------------------------------
 

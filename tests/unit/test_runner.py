@@ -142,3 +142,42 @@ def test_a_finished_result_computed_from_other_data_rows_is_an_error_not_a_reuse
     grid = tmp_path / "grid.toml"
     grid.write_text('preset = "tiny"\ndefenses = ["sft"]\nratios = [0.1]\ntasks = ["sst2"]\nseeds = [0]\n')
     assert main(["grid", str(grid), "--dry-run", "--runs-dir", str(tmp_path), "--data-dir", str(shared_data)]) == 2  # not "done"
+
+
+def test_a_damaged_artifact_is_rebuilt_with_a_notice_and_the_run_is_unchanged(tmp_path, shared_data, capsys):
+    """Issue 17 #5: every artifact file's sha256 is recorded when it is built and checked on reuse; a file corrupted
+    behind an intact header, or truncated, is rebuilt (one line on stderr), never reused."""
+    import shutil
+
+    first = Runner(tmp_path / "a", shared_data).run(tiny_spec(**{"attack.ratio": 0.1}))
+    align = Path(first["artifacts"]["alignment"])
+    meta = json.loads((align / "artifact.json").read_text())
+    assert meta["files"]["adapter_model.safetensors"] and "artifact.json" not in meta["files"]
+    weights = align / "adapter_model.safetensors"
+    original = weights.read_bytes()
+
+    for damage in ("flip", "truncate"):
+        data = bytearray(original)
+        if damage == "flip":
+            data[-3] ^= 0xFF  # a tensor byte: the safetensors header still parses
+        else:
+            data = data[: len(data) // 2]
+        weights.write_bytes(bytes(data))
+        shutil.rmtree(tmp_path / "a" / first["run_id"])  # so the run is redone and reaches its artifacts
+        again = Runner(tmp_path / "a", shared_data).run(tiny_spec(**{"attack.ratio": 0.1}))
+        assert "is damaged" in capsys.readouterr().err
+        assert weights.read_bytes() == original  # rebuilt, byte-identical
+        assert again["stages"]["alignment"]["reused"] is False and again["metrics"] == first["metrics"]
+
+
+def test_an_artifact_record_naming_a_file_outside_its_folder_is_not_trusted(tmp_path, shared_data, capsys):
+    first = Runner(tmp_path, shared_data).run(tiny_spec())
+    align = Path(first["artifacts"]["alignment"])
+    meta = json.loads((align / "artifact.json").read_text())
+    meta["files"]["../../outside"] = "0" * 64
+    (align / "artifact.json").write_text(json.dumps(meta))
+    import shutil
+
+    shutil.rmtree(tmp_path / first["run_id"])
+    Runner(tmp_path, shared_data).run(tiny_spec())
+    assert "is damaged" in capsys.readouterr().err
