@@ -30,7 +30,7 @@ from harmbench_ft.errors import UsageError
 from harmbench_ft.evaluation.backends import ServedModel
 from harmbench_ft.evaluation.evaluate import evaluate, task_accuracy
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
-from harmbench_ft.models.loading import add_lora, check_model_name, final_model, finetune_adapter, load_adapter, load_base, merge_adapter, save_full_weights, trainable_parameters, under_finetune
+from harmbench_ft.models.loading import add_lora, check_lora_targets, check_model_name, final_model, finetune_adapter, load_adapter, load_base, merge_adapter, model_linear_names, save_full_weights, trainable_parameters, under_finetune
 from harmbench_ft.plugins import emit, get_registry
 from harmbench_ft.spec import RunSpec, hashed_args, stable_hash, train_key, validate
 from harmbench_ft.training.batches import BatchStream, pair_streams, steps_for
@@ -157,6 +157,14 @@ class Runner:
         data = build_run_data(spec, task, self.data_dir)
         return spec, defense, data, plan_stages(spec, defense, data)
 
+    @staticmethod
+    def check_model_settings(spec: RunSpec) -> None:
+        """What needs the model's modules (from its config alone), checked before a step is taken: the LoRA targets."""
+        linear = model_linear_names(spec.model)
+        check_lora_targets(linear, spec.alignment.train.lora_targets, "alignment.train.lora_targets")
+        if spec.finetune.regime == "fresh":  # continue trains the alignment adapter: its targets are alignment.train's
+            check_lora_targets(linear, spec.finetune.lora_targets, "finetune.lora_targets")
+
     def run(self, spec: RunSpec) -> dict[str, Any]:
         """Run (or resume) one spec; return its result record. A finished run is not redone."""
         spec, defense, data, plan = self.prepare(spec)
@@ -164,6 +172,7 @@ class Runner:
         existing = self.finished_result(run_dir, data)
         if existing is not None:
             return existing
+        self.check_model_settings(spec)
         run_id = spec.run_id()
         emit("hft_run_start", RunStart(run_id, run_dir, spec.to_dict()))
         start = time.perf_counter()

@@ -37,10 +37,13 @@ def plan_grid(grid: Grid, runs_dir: Path, data_dir: str | None, console: Console
                 keys["post_finetune"] = plan.post_finetune
             artifacts = {stage: runner.artifact_dir(stage, key) for stage, key in keys.items()}
             run_id = spec.run_id()
+            finished = runner.finished_result(runner.run_dir(spec), data) is not None
+            if not finished:
+                runner.check_model_settings(spec)  # a bad LoRA target stops the grid before any run starts
             planned.setdefault(run_id, GridRun(
                 index=0, spec=spec, run_id=run_id, runs_dir=Path(runs_dir), data_dir=None if data_dir is None else str(data_dir),
                 keys=keys, artifacts=artifacts, ready={stage: runner.artifact_ready(path) for stage, path in artifacts.items()},
-                finished=runner.finished_result(runner.run_dir(spec), data) is not None, resources=dict(grid.resources),
+                finished=finished, resources=dict(grid.resources),
             ))
 
     # Group runs by alignment, then by fine-tuning artifact, keeping the grid's order otherwise.

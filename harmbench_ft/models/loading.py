@@ -10,6 +10,7 @@ Post-fine-tuning edits act on the adapter the fine-tune produced, in either regi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -124,12 +125,44 @@ def add_lora(model, train: TrainConfig):
     """Wrap the model with a fresh LoRA adapter: the only trainable parameters of a stage."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in train.lora_targets if t in present]
-    if not targets:
-        raise UsageError(f"none of the LoRA targets {train.lora_targets} exist in {type(model).__name__}; modules include e.g. {sorted(present)[:12]}")
-    config = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    check_lora_targets(model, train.lora_targets)
+    config = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, target_modules=list(train.lora_targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def linear_names(model) -> set[str]:
+    """The last name component of every linear layer: what a LoRA target names."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def check_lora_targets(model_or_names, targets: list[str], where: str = "lora_targets") -> None:
+    """Every LoRA target must name a linear layer of the model: an unknown one is an error, never silently dropped."""
+    present = model_or_names if isinstance(model_or_names, (set, frozenset)) else linear_names(model_or_names)
+    unknown = [t for t in targets if t not in present]
+    if unknown or not targets:
+        raise UsageError(f"{where}: {', '.join(map(repr, unknown)) or 'an empty list'} names no linear layer of the model; its linear layers: {', '.join(sorted(present))}")
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_names_of(name: str, revision: str | None, trust_remote_code: bool) -> frozenset[str]:
+    if name in TINY_MODELS:
+        return frozenset(linear_names(build_tiny(name)[0]))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), revision=revision, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):  # the modules without their weights: instant, no memory
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    return frozenset(linear_names(skeleton))
+
+
+def model_linear_names(spec: ModelSpec) -> frozenset[str]:
+    """The linear layers' names of a model, from its config alone, to check LoRA targets before anything is trained."""
+    check_model_name(spec)
+    return _linear_names_of(spec.name, spec.revision, spec.trust_remote_code)
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

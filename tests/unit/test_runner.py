@@ -181,3 +181,14 @@ def test_an_artifact_record_naming_a_file_outside_its_folder_is_not_trusted(tmp_
     shutil.rmtree(tmp_path / first["run_id"])
     Runner(tmp_path, shared_data).run(tiny_spec())
     assert "is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["finetune.lora_targets", "alignment.train.lora_targets"])
+def test_an_unknown_lora_target_stops_the_run_before_any_step_and_leaves_nothing(tmp_path, shared_data, path):
+    from harmbench_ft import UsageError
+
+    runner = Runner(tmp_path, shared_data)
+    with pytest.raises(UsageError, match=rf"{path}: 'qq_proj' names no linear layer"):
+        runner.run(tiny_spec(**{path: ["q_proj", "qq_proj"]}))
+    assert not (tmp_path / "artifacts").exists()  # nothing trained: no artifact, no .tmp
+    assert not list(tmp_path.glob("*/error.json"))
