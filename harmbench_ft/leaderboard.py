@@ -9,6 +9,7 @@ defense's cost), its CSV twin, and a PNG plot of HS and FA against the poison ra
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -190,6 +191,52 @@ def protocol_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     if any_at_chance:
         lines += ["", f"† FA within {CHANCE_MARGIN:g} points of chance ({df['chance'].iloc[0]:g}%): the model no longer does the task, so its HS says nothing about the defense."]
     return "\n".join(lines), pd.DataFrame(csv_rows)
+
+
+def regime_twins(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(fresh protocol, continue protocol) pairs whose settings differ only in `finetune.regime`."""
+    protocols = {pid: sub.iloc[0]["_proto"] for pid, sub in df.groupby("protocol")}
+    pairs = []
+    for pid, proto in sorted(protocols.items()):
+        if proto["finetune"]["regime"] != "continue":
+            continue
+        twin = copy.deepcopy(proto)
+        twin["finetune"]["regime"] = "fresh"
+        fresh = stable_hash(hash_view(twin))[:8]
+        if fresh in protocols:
+            pairs.append((fresh, pid))
+    return pairs
+
+
+def regime_effect_table(fresh: pd.DataFrame, cont: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """Per defense and ratio: HS and FA under continue minus under fresh (means over seeds), each beside the
+    seed-to-seed spread (max − min over seeds) of the same cell under fresh, where two or more seeds ran."""
+    both = pd.concat([fresh.assign(regime="fresh"), cont.assign(regime="continue")], ignore_index=True)
+    both = both.assign(row=_row_labels(both))
+    ratios = sorted(set(fresh["ratio"]) & set(cont["ratio"]))
+    header = ["Defense"] + [f"ΔHS p={r:g}" for r in ratios] + [f"ΔFA p={r:g}" for r in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv_rows, spreads = [], {"HS": [], "FA": []}
+    for row in _ordered(both["row"]):
+        cells = {"HS": [], "FA": []}
+        for metric in ("HS", "FA"):
+            for r in ratios:
+                at = both[(both["row"] == row) & (both["ratio"] == r)]
+                f, c = at[at["regime"] == "fresh"][metric].dropna(), at[at["regime"] == "continue"][metric].dropna()
+                spread = float(f.max() - f.min()) if len(f) > 1 else None
+                if spread is not None:
+                    spreads[metric].append(spread)
+                if f.empty or c.empty:
+                    cells[metric].append("–")
+                    continue
+                delta = float(c.mean() - f.mean())
+                cells[metric].append(f"{delta:+.1f}" + (f" (seeds ±{spread:.1f})" if spread is not None else ""))
+                csv_rows.append({"defense": row, "ratio": r, "metric": metric, "continue_minus_fresh": delta, "fresh_seed_spread": spread, "fresh_seeds": len(f), "continue_seeds": len(c)})
+        if any(v != "–" for v in cells["HS"] + cells["FA"]):
+            lines.append("| " + " | ".join([row, *cells["HS"], *cells["FA"]]) + " |")
+    typical = "; ".join(f"{m} {pd.Series(v).median():.1f}" for m, v in spreads.items() if v) or "not measured (one seed per cell)"
+    note = f"\n\nSeed-to-seed spread under `fresh` (max − min over seeds, median over the cells that have two or more seeds): {typical}. A difference within it is not a regime effect."
+    return "\n".join(lines) + note, pd.DataFrame(csv_rows)
 
 
 def further_judge_columns(df: pd.DataFrame) -> list[str]:
@@ -462,6 +509,20 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
         written += [md_path, csv_path, png_path]
         ratios = ", ".join(f"{r:g}" for r in sorted(sub["ratio"].unique()))
         index.append(f"- [{title}]({stem}.md) ([csv]({stem}.csv), [plot]({stem}.png)): {sub['defense'].nunique()} defenses, p ∈ {{{ratios}}}, {sub['seed'].nunique()} seed(s), judge {first['judge']}")
+    for fresh_id, cont_id in regime_twins(df):
+        fresh, cont = df[df["protocol"] == fresh_id], df[df["protocol"] == cont_id]
+        table, csv = regime_effect_table(fresh, cont)
+        stem = f"regime-effect-{fresh_id}-{cont_id}"
+        md = (
+            f"# Regime effect: {titles[fresh_id].replace(' · regime fresh', '')}\n\n"
+            f"HS (judge **{fresh.iloc[0]['judge']}**) and FA under `finetune.regime=continue` (protocol `{cont_id}`: the alignment adapter "
+            f"itself fine-tuned) minus under `fresh` (protocol `{fresh_id}`: a new LoRA on the merged alignment), per defense and "
+            f"poison ratio, in points; negative ΔHS means continue is safer.\n\n{table}\n"
+        )
+        write_atomic(out_dir / f"{stem}.md", md)
+        write_atomic(out_dir / f"{stem}.csv", csv.to_csv(index=False))
+        written += [out_dir / f"{stem}.md", out_dir / f"{stem}.csv"]
+        index.append(f"- [Regime effect: continue − fresh]({stem}.md) ([csv]({stem}.csv)): protocols {cont_id} − {fresh_id}")
     readme = out_dir / "README.md"
     write_atomic(readme, "\n".join(index) + "\n")
     return written + [readme] + _keep_records(Path(runs_dir), out_dir / RECORDS_DIR)

@@ -243,3 +243,24 @@ def test_a_protocols_own_annotation_is_shown_and_a_judge_that_fails_it_is_flagge
     assert f"- `{rec['run_id']}`: annotated HS 30.0 on 100 answers; keyword 10.0" in table
     other = next(p for p in out.glob("*.md") if p.name != "README.md" and pid not in p.name).read_text()
     assert "this protocol's own answers" not in other  # another protocol has no annotation of its own
+
+
+def test_continue_records_get_their_own_table_and_a_regime_effect_view(runs, tmp_path):
+    """Issue 16 #5: one table per regime, and continue − fresh per defense and ratio beside the seed spread."""
+    for (defense, ratio), per_seed in HS.items():
+        rec = record(defense, ratio, 0, per_seed[0] - 3.0)  # continue: 3 points lower HS, 1.5 higher FA at seed 0
+        rec["spec"]["finetune"]["regime"] = "continue"
+        from harmbench_ft.spec import spec_from_dict
+
+        rec["run_id"] = spec_from_dict(rec["spec"]).run_id()
+        results.write_json(runs / rec["run_id"] / "result.json", rec)
+    write_leaderboards(runs, tmp_path / "lb")
+    titles = sorted(p.read_text().splitlines()[0] for p in (tmp_path / "lb").glob("tiny-tiny-llama-sst2-*.md"))
+    assert titles == ["# sst2 · tiny-llama · preset tiny · regime continue", "# sst2 · tiny-llama · preset tiny · regime fresh"]
+    (effect,) = (tmp_path / "lb").glob("regime-effect-*.md")
+    md = effect.read_text()
+    # sft p=0: continue 7.0 (seed 0) − fresh mean 15.0 = −8.0; fresh seeds 10 and 20: spread 10.0
+    assert "| sft | -8.0 (seeds ±10.0) | -8.0 (seeds ±10.0) | +4.0 (seeds ±5.0) | +4.0 (seeds ±5.0) |" in md
+    assert "| Defense | ΔHS p=0 | ΔHS p=0.2 | ΔFA p=0 | ΔFA p=0.2 |" in md
+    assert "median over the cells that have two or more seeds): HS 10.0; FA 5.0" in md
+    assert "regime-effect-" in (tmp_path / "lb" / "README.md").read_text()
