@@ -101,7 +101,8 @@ def print_result(record: dict[str, Any]) -> None:
     m = record["metrics"]
     spec = record["spec"]
     judge = record["stages"]["evaluation"]["judges"][0]["id"]
-    table = Table(title=f"{spec['defense']['name']} · {spec['attack']['task']} · p={spec['attack']['ratio']:g} · n={spec['attack']['n']} · {spec['model']['name']}")
+    regime = spec.get("finetune", {}).get("regime", "fresh")
+    table = Table(title=f"{spec['defense']['name']} · {spec['attack']['task']} · p={spec['attack']['ratio']:g} · n={spec['attack']['n']} · {spec['model']['name']} · regime {regime}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row(f"harmful score (HS, judge {judge})", f"{m['harmful_score']:.1f}")
