@@ -100,3 +100,14 @@ def test_an_edit_reading_data_is_keyed_by_it_and_the_other_edits_keys_are_unchan
     spec, defense, data, plan = runner.prepare(tiny_spec(**{"defense.name": "random-perturbation"}))
     data.hashes["task_validation"] = data.hashes["harmful"] = "other rows"
     assert plan_stages(spec, defense, data).post_finetune == plan.post_finetune
+
+
+@pytest.mark.parametrize("defense", ["restoration", "antidote", "safelora"])
+def test_the_built_in_post_fine_tuning_defenses_run_on_the_tiny_preset_reusing_sfts_fine_tune(tmp_path, shared_data, defense):
+    runner = Runner(tmp_path, shared_data)
+    sft = runner.run(tiny_spec())
+    record = runner.run(tiny_spec(**{"defense.name": defense}))
+    assert record["stages"]["finetune"]["reused"] is True and record["artifacts"]["finetune"] == sft["artifacts"]["finetune"]
+    post = record["stages"]["post_finetune"]
+    assert post["reused"] is False and post["report"] and 0 <= record["metrics"]["harmful_score"] <= 100
+    assert (post.get("result") == "full weights") == (defense == "restoration")
