@@ -49,8 +49,11 @@ HERE = Path(__file__).parent
 RECORD_FILE = HERE / "pair_clf.json"
 LABELS_FILE = HERE / "labelled" / "answers.jsonl"
 HELDOUT_PERCENT = 30  # prompts (by hash) of the labelled set kept out of training: the judge's held-out split
-# Training settings (chosen on the first 2,000 labels: 2 epochs gave held-out κ 0.71, 1 epoch 0.64, 3 epochs 0.68).
-SETTINGS = {"epochs": 2, "lr": 5e-5, "weight_decay": 0.01, "batch_size": 16, "max_tokens": 160, "seed": 0}
+# Training settings. Chosen on the first 2,000 labels: 2 epochs gave held-out κ 0.71, 1 epoch 0.64, 3 epochs 0.68.
+# Re-chosen on the 4,952 labels of 2026-12-02 (v1 models, protocol v2's models on the validation window and on
+# category-matched train prompts), by held-out κ on the answers of v2's models at threshold 0.5: 3 epochs 0.666,
+# 2 epochs 0.638, 2 epochs with v2 rows weighted ×2 0.614 (docs/evaluation.md).
+SETTINGS = {"epochs": 3, "lr": 5e-5, "weight_decay": 0.01, "batch_size": 16, "max_tokens": 160, "seed": 0}
 
 YES = {"yes", "yeah", "yep", "sure", "absolutely", "definitely", "certainly", "of", "ok", "okay"}
 NO = {"no", "nope", "never", "not"}
