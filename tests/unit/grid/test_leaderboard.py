@@ -203,7 +203,7 @@ def test_stage_time_counts_a_shared_artifact_once_and_every_evaluation(tmp_path)
 def test_a_table_headed_by_an_unvalidated_judge_says_so_and_a_validated_one_does_not(runs, tmp_path):
     write_leaderboards(runs, tmp_path / "lb")  # the tiny records are headed by `keyword`: κ 0.49 on the held-out set
     table = next(p for p in (tmp_path / "lb").glob("*sst2*.md")).read_text()
-    assert "> **Judged by an unvalidated judge**: `keyword` has κ 0.49" in table.splitlines()[2]
+    assert "> **Judged by an unvalidated judge**: `keyword` has κ 0.46" in table.splitlines()[2]
     from harmbench_ft.leaderboard import validity_banner
 
     assert validity_banner("pair-clf") == ""  # κ 0.735 on the held-out annotated answers
