@@ -15,7 +15,7 @@ SMALL = [
 ]
 
 
-def hft(*args, timeout=900):
+def hft(*args, timeout=1800):  # the first run builds pair-clf from its labels (about 8 minutes on 2 cores)
     proc = subprocess.run([sys.executable, "-m", "harmbench_ft.cli", *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
