@@ -107,6 +107,12 @@ class PostContext:
     # evaluation generates (greedy, the task's answer budget) and scored by the task.
     task_score: Any = None
     full_model: torch.nn.Module | None = None  # set by keep_full_weights
+    # progress(message): one line of progress for a long edit (the runner prints it on stderr, with the defense's name)
+    progress: Any = None
+
+    def report_progress(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
 
     def merged_model(self) -> torch.nn.Module:
         """The fine-tuned model as plain full weights (the adapter merged in); ``params`` are stale afterwards."""

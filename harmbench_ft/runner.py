@@ -350,6 +350,7 @@ class Runner:
             aligned_weights=lambda: merge_adapter(load_base(spec.model)[0], align_dir).state_dict(),
             base_weights=lambda: load_base(spec.model)[0].state_dict(),
             task_score=task_score,
+            progress=lambda message: self.console.print(f"post_finetune ({defense.name}): {message}", highlight=False, soft_wrap=True),
         )
         with torch.no_grad():  # an edit that needs gradients enables them itself
             report = defense.post_finetune(ctx)

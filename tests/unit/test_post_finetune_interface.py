@@ -103,7 +103,7 @@ def test_an_edit_reading_data_is_keyed_by_it_and_the_other_edits_keys_are_unchan
 
 
 @pytest.mark.parametrize("defense", ["restoration", "antidote", "safelora"])
-def test_the_built_in_post_fine_tuning_defenses_run_on_the_tiny_preset_reusing_sfts_fine_tune(tmp_path, shared_data, defense):
+def test_the_built_in_post_fine_tuning_defenses_run_on_the_tiny_preset_reusing_sfts_fine_tune(tmp_path, shared_data, defense, capsys):
     runner = Runner(tmp_path, shared_data)
     sft = runner.run(tiny_spec())
     record = runner.run(tiny_spec(**{"defense.name": defense}))
@@ -111,3 +111,5 @@ def test_the_built_in_post_fine_tuning_defenses_run_on_the_tiny_preset_reusing_s
     post = record["stages"]["post_finetune"]
     assert post["reused"] is False and post["report"] and 0 <= record["metrics"]["harmful_score"] <= 100
     assert (post.get("result") == "full weights") == (defense == "restoration")
+    if defense != "safelora":  # the long edits say what they are doing
+        assert f"post_finetune ({defense}): " in capsys.readouterr().err

@@ -181,6 +181,7 @@ class Antidote(Defense):
 
         examples = ctx.harmful[: self.params.n_calibration]
         rows = calibration_rows(ctx.tokenizer, examples, self.params.max_length)
+        ctx.report_progress(f"{len(rows)} calibration rows, {sum(len(r) for r in rows)} tokens, one forward pass each")
         with torch.no_grad():
             sums = input_square_sums(ctx.model, [m for _, m in targets], rows)
             modules, pruned, total = {}, 0, 0

@@ -286,6 +286,7 @@ class Restoration(Defense):
 
         finetuned_score = float(ctx.task_score(model, ctx.task_validation))
         minimum = finetuned_score - finetuned_score * p.metric_drop
+        ctx.report_progress(f"fine-tuned task score {finetuned_score:.1f} on {len(ctx.task_validation)} held-out rows; checkpoints must stay above {minimum:.1f}")
 
         def recover() -> list[torch.Tensor]:
             accumulate_gradient(model, cut, harmful[:n_batches], d_h, weights)  # on top of earlier steps' gradients
@@ -314,6 +315,7 @@ class Restoration(Defense):
             rolled_back_per_step.append(0)
         warmup_score = float(ctx.task_score(model, ctx.task_validation))
         rolled = p.rollback and warmup_score < minimum
+        ctx.report_progress(f"{p.warmup_steps} warm-up steps: task score {warmup_score:.1f}" + ("; rollback on, restarting from the fine-tuned weights" if rolled else ""))
 
         scores: dict[str, float] = {}
         kept_step, kept = 0, snapshot(fine_tuned, fine_tuned)  # step 0: W_f, the fine-tuned model unchanged
@@ -342,8 +344,11 @@ class Restoration(Defense):
             restored_per_step.append(sum(int(c.sum()) for c in restored))
             rolled_back_per_step.append(roll_back(restored) if rolled else 0)
             steps_run = step + 1
-            if (step + 1) % p.save_every == 0 and not checkpoint(step + 1, float(ctx.task_score(model, ctx.task_validation))):
-                break  # a later checkpoint can never be kept
+            if (step + 1) % p.save_every == 0:
+                going = checkpoint(step + 1, float(ctx.task_score(model, ctx.task_validation)))
+                ctx.report_progress(f"step {step + 1}/{p.steps}: task score {scores[str(step + 1)]:.1f}" + ("" if going else ", at or below the limit: stopping"))
+                if not going:
+                    break  # a later checkpoint can never be kept
         clear_grads(weights)
 
         per_layer = {str(i): 0 for i in range(layer_end)}
