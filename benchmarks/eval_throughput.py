@@ -6,6 +6,7 @@ in one process, one after the other. Generated tokens are counted the same way f
 re-tokenized, so identical outputs count identically.
 
     python benchmarks/eval_throughput.py --prompts 32 --max-new-tokens 32 --data-dir ../shared/data
+    HFT_BENCH_VLLM_PYTHON=../vllm-venv/bin/python python benchmarks/eval_throughput.py --backend vllm ...   # + vLLM
 
 Targets (issue 4, 2-core CPU): >= 8x the tokens/s and >= 99% identical greedy outputs.
 """
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("HFT_BENCH_DATA_DIR"))
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's); on a shared machine 1 avoids threads waiting on each other")
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="vllm: also run the vLLM engine (HFT_BENCH_VLLM_PYTHON names its environment on CPU); its start time is reported apart")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +87,22 @@ def main() -> None:
         "speedup_cpu_time": round((count(batched) / batch_cpu) / (count(looped) / loop_cpu), 2),
         "identical_fraction": round(sum(same) / len(same), 4),
     }
+    if args.backend == "vllm":
+        from hft_bench_plugins.backends import vllm as vllm_backend
+
+        start = time.perf_counter()
+        served = ServedModel(model, tokenizer, args.model, extra={"model_spec": {"name": args.model}})
+        engine = vllm_backend.VLLMBackend().generate(served, prompts, args.max_new_tokens, args.batch_size)
+        timings = dict(vllm_backend.LAST_TIMINGS)
+        vllm_same = [a == b for a, b in zip(batched, engine)]
+        result.update({
+            "vllm_seconds_total": round(time.perf_counter() - start, 2), "vllm_engine_start_seconds": timings.get("engine_start_s"),
+            "vllm_generate_seconds": timings.get("generate_s"),
+            "vllm_tokens_per_s": round(count(engine) / timings["generate_s"], 2) if timings.get("generate_s") else None,
+            "vllm_identical_to_hf_fraction": round(sum(vllm_same) / len(vllm_same), 4),
+        })
+        print(f"vllm    : {result['vllm_tokens_per_s']} tokens/s in generation ({timings.get('generate_s')} s; engine start {timings.get('engine_start_s')} s, "
+              f"{result['vllm_seconds_total']} s in all); identical to hf: {100 * result['vllm_identical_to_hf_fraction']:.1f}%")
     for i, ok in enumerate(same):
         if not ok:
             at = first_difference(looped[i], batched[i])

