@@ -223,7 +223,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name in registry.names("defenses"):
         cls = registry.get("defenses", name)
         params = ", ".join(f"{p['name']}={p['default']}" for p in cls.parameter_table()) or "-"
-        defenses.add_row(name, ", ".join(s.value for s in cls.stages) or "(sft)", ", ".join([*cls.needs, *(f"{n} (post-fine-tuning)" for n in getattr(cls, "post_needs", ()))]) or "-", params)
+        defenses.add_row(name, ", ".join(s.value for s in cls.stages) or "(sft)", ", ".join([*cls.needs, *(f"{n} (post-fine-tuning)" for n in cls.post_needs)]) or "-", params)
     Console().print(defenses)
     return 0
 

@@ -219,10 +219,14 @@ def preset_of(spec: dict[str, Any]) -> str:
 UNHASHED_TRAIN_FIELDS = ("checkpoint_every",)  # TrainConfig fields that never change a result
 
 
+# The fine-tuning stage's later fields (finetune.regime), which also key the fine-tune artifact.
+LATER_TRAIN_FIELDS = {path[1]: default for path, default in LATER_FIELDS.items() if path[0] == "finetune"}
+
+
 def train_key(train: dict[str, Any]) -> dict[str, Any]:
-    """A TrainConfig (as a dict) as it enters hashes: without the fields that never change a result, and without the
-    fine-tune's regime while it is "fresh" (the regime before it was a field), so stored artifact keys hold."""
-    return {k: v for k, v in train.items() if k not in UNHASHED_TRAIN_FIELDS and not (k == "regime" and v == "fresh")}
+    """A TrainConfig (as a dict) as it enters hashes: without the fields that never change a result, and without a
+    later fine-tuning field at its default (finetune.regime "fresh"), so stored artifact keys hold."""
+    return {k: v for k, v in train.items() if k not in UNHASHED_TRAIN_FIELDS and not (k in LATER_TRAIN_FIELDS and v == LATER_TRAIN_FIELDS[k])}
 
 
 def hash_view(spec: dict[str, Any]) -> dict[str, Any]:

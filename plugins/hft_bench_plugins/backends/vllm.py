@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,8 +89,6 @@ def engine_arguments(job: VLLMJob) -> dict[str, Any]:
 
 def run_job(job: VLLMJob, api: SimpleNamespace | None = None) -> list[str]:
     """Build the engine, the greedy sampling parameters and the LoRA request; generate; texts in input order."""
-    import time
-
     if job.on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.cpu_kvcache_gib))
     api = api or vllm_api()

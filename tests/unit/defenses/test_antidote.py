@@ -125,14 +125,20 @@ def test_each_plausible_mistake_gives_another_adapter(variant):
         assert sum(int((right[n] != wrong[n]).any()) for n in right) >= len(right) // 2
 
 
-def test_lora_dropout_is_off_during_calibration():
+def lora_model(targets: list[str], dropout: float = 0.0):
+    """A tiny Llama with an r=4 LoRA on `targets` whose B matrices are random (so every score is non-zero)."""
     model, tok = build_tiny("tiny-llama")
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
+    return model, tok
+
+
+def test_lora_dropout_is_off_during_calibration():
+    model, tok = lora_model(["q_proj", "down_proj"], dropout=0.5)
     inputs = lora_inputs(model, tok, ROWS, 256)  # eval mode: dropout is the identity
     masks = expected_masks(inputs, 0.1)
     before = {n: p.detach().clone() for n, p in trainable(model).items()}
@@ -160,13 +166,7 @@ def test_dense_ratio_zero_keeps_the_adapter_and_one_zeroes_it():
 
 
 def test_adapter_tensors_outside_the_decoder_blocks_are_left_alone_and_reported():
-    model, tok = build_tiny("tiny-llama")
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    model, tok = lora_model(["q_proj", "lm_head"])
     head = {n: p.detach().clone() for n, p in trainable(model).items() if "lm_head" in n}
     report = prune(post_ctx(model, tok))
     assert sorted(report["untouched_adapter_tensors"]) == sorted(head) and len(head) == 2

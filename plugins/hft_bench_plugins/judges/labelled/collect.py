@@ -125,14 +125,33 @@ def matched_prompts(data_dir, n_harmful: int = 600, n_hs: int = 200) -> list[str
     return chosen
 
 
+def read_pairs(out: Path) -> dict[str, dict]:
+    """The pairs collected so far, by id (none if ``out`` does not exist yet)."""
+    if not out.is_file():
+        return {}
+    return {row["id"]: row for row in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+
+
+def add_pairs(rows: dict[str, dict], label: str, pairs: list[tuple[str, str, str]]) -> None:
+    """Record that model `label` gave these (prompt set, prompt, response) answers; one row per distinct pair."""
+    for prompt_set, prompt, response in pairs:
+        rid = row_id(prompt, response)
+        row = rows.setdefault(rid, {"id": rid, "prompt_set": prompt_set, "prompt": prompt, "response": response, "models": []})
+        row["models"].append(label)
+
+
+def write_pairs(out: Path, rows: dict[str, dict]) -> None:
+    """Rewrite ``out`` atomically, so an interrupted collection resumes after its last finished model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
+    tmp.replace(out)
+
+
 def collect(out: Path, runs_dir: Path, data_dir, only: list[str] | None) -> None:
     from harmbench_ft.runner import Runner
 
-    rows: dict[str, dict] = {}
-    if out.is_file():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            rows[row["id"]] = row
+    rows = read_pairs(out)
     done = {m for r in rows.values() for m in r["models"]}
     runner = Runner(runs_dir, data_dir)
     for label, settings, with_advbench in MODELS:
@@ -144,14 +163,8 @@ def collect(out: Path, runs_dir: Path, data_dir, only: list[str] | None) -> None
         pairs = [("bt-val", g["question"], g["response"]) for g in generations if g["kind"] == "harmful"]
         if with_advbench:
             pairs += [("advbench", p, r) for p, r in advbench_answers(record, data_dir)]
-        for prompt_set, prompt, response in pairs:
-            rid = row_id(prompt, response)
-            row = rows.setdefault(rid, {"id": rid, "prompt_set": prompt_set, "prompt": prompt, "response": response, "models": []})
-            row["models"].append(label)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
-        tmp.replace(out)
+        add_pairs(rows, label, pairs)
+        write_pairs(out, rows)
         print(f"{label}: {len(pairs)} answers, {len(rows)} unique pairs so far", file=sys.stderr, flush=True)
 
 
@@ -159,7 +172,7 @@ def collect_v2_matched(out: Path, runs_dir: Path, data_dir) -> None:
     """Answers of protocol v2's models to the bt-matched prompts, appended to ``out`` (resumable per model)."""
     from harmbench_ft.runner import Runner
 
-    rows = {json.loads(line)["id"]: json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()} if out.is_file() else {}
+    rows = read_pairs(out)
     done = {m for r in rows.values() for m in r["models"] if r["prompt_set"] == "bt-matched"}
     questions = matched_prompts(data_dir)
     runner = Runner(runs_dir, data_dir)
@@ -168,14 +181,8 @@ def collect_v2_matched(out: Path, runs_dir: Path, data_dir) -> None:
             continue
         print(f"collecting {label} on {len(questions)} bt-matched prompts", file=sys.stderr, flush=True)
         record = runner.run(apply_overrides(preset("cpu"), settings))
-        for prompt, response in answers(record, questions):
-            rid = row_id(prompt, response)
-            row = rows.setdefault(rid, {"id": rid, "prompt_set": "bt-matched", "prompt": prompt, "response": response, "models": []})
-            row["models"].append(label)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()), encoding="utf-8")
-        tmp.replace(out)
+        add_pairs(rows, label, [("bt-matched", p, r) for p, r in answers(record, questions)])
+        write_pairs(out, rows)
         print(f"{label}: {len(rows)} unique pairs so far", file=sys.stderr, flush=True)
 
 
