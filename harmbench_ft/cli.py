@@ -49,33 +49,52 @@ ATTACK_KEYS = {"ratio": "attack.ratio", "p": "attack.ratio", "n": "attack.n", "t
 
 
 def build_spec(args: argparse.Namespace):
-    """Preset, then the specific flags, then --set overrides (last wins)."""
+    """The preset with every flag's settings on top. Flags do not override each other: a setting given by two flags
+    (--task and --attack task=, --seed and --set seed=, a key in two --attack flags) with different values is an
+    error naming both, never a silent last-wins."""
     from harmbench_ft.spec import apply_overrides, preset
 
     spec = preset(args.preset)
-    overrides: dict[str, Any] = {"defense.name": args.defense}
+    overrides: dict[str, Any] = {}
+    given_by: dict[str, str] = {}
+
+    def put(path: str, value: Any, flag: str) -> None:
+        if path in overrides and str(overrides[path]) != str(value):
+            raise UsageError(f"{path} is given twice, with different values: {given_by[path]} and {flag}")
+        overrides[path] = value
+        given_by.setdefault(path, flag)
+
+    if args.defense is not None:
+        put("defense.name", args.defense, f"--defense {args.defense}")
     if args.model:
-        overrides["model.name"] = args.model
+        put("model.name", args.model, f"--model {args.model}")
     if args.trust_remote_code:
-        overrides["model.trust_remote_code"] = True
-    for key, value in _key_values(args.attack or "", "--attack").items():
+        put("model.trust_remote_code", True, "--trust-remote-code")
+    attack: dict[str, str] = {}
+    for item in args.attack or []:
+        _merge(attack, _key_values(item, "--attack"), "--attack")
+    attack_paths: dict[str, str] = {}
+    for key, value in attack.items():
         if key not in ATTACK_KEYS:
             raise UsageError(f"--attack: unknown key {key!r}; known: {', '.join(sorted(ATTACK_KEYS))}")
-        if ATTACK_KEYS[key] in overrides:  # ratio and p are one setting
+        if ATTACK_KEYS[key] in attack_paths:  # ratio and p are one setting
             raise UsageError(f"--attack: {key!r} sets {ATTACK_KEYS[key]}, which another key already set")
-        overrides[ATTACK_KEYS[key]] = value
+        attack_paths[ATTACK_KEYS[key]] = key
+        put(ATTACK_KEYS[key], value, f"--attack {key}={value}")
     if args.task:
-        overrides["attack.task"] = args.task
+        put("attack.task", args.task, f"--task {args.task}")
     if args.seed is not None:
-        overrides["seed"] = args.seed
+        put("seed", args.seed, f"--seed {args.seed}")
     if args.judge:
-        overrides["evaluation.judges"] = ",".join(args.judge)
+        put("evaluation.judges", ",".join(args.judge), " ".join(f"--judge {j}" for j in args.judge))
     if args.backend:
-        overrides["evaluation.backend"] = args.backend
+        put("evaluation.backend", args.backend, f"--backend {args.backend}")
     settings: dict[str, str] = {}
     for item in args.set or []:
         _merge(settings, _key_values(item, "--set"), "--set")
-    overrides.update(settings)
+    for path, value in settings.items():
+        put(path, value, f"--set {path}={value}")
+    overrides.setdefault("defense.name", "sft")
     defense_args: dict[str, str] = {}
     for item in args.defense_arg or []:
         _merge(defense_args, _key_values(item, "--defense-arg"), "--defense-arg")
@@ -128,7 +147,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         from harmbench_ft.plugins import get_registry
 
         get_registry().get("judges", args.judge)  # an unknown name fails in one line
-    written = write_leaderboards(Path(args.runs_dir), Path(args.out), args.judge)
+    from harmbench_ft.results import writable_dir
+
+    written = write_leaderboards(Path(args.runs_dir), writable_dir(Path(args.out), "--out"), args.judge)
     if not written:
         raise UsageError(f"no finished results under {args.runs_dir}")
     for path in written:
@@ -147,10 +168,14 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from harmbench_ft.evaluation.agreement import format_agreement
     from harmbench_ft.evaluation.judge_file import default_label, judge_rows, read_rows
     from harmbench_ft.plugins import get_registry
-    from harmbench_ft.results import write_jsonl
+    from harmbench_ft.results import writable_dir, write_jsonl
 
     names = args.judge or ["keyword"]
     judge_classes = [get_registry().get("judges", name) for name in names]  # unknown names fail before reading
+    if args.out:  # checked before any judging, which can take long
+        if Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out} is a folder; give the name of the JSONL file to write")
+        writable_dir(Path(args.out).parent, "--out's folder")
     rows = read_rows(Path(args.file))
     label = args.label or default_label(rows)
     scored, summary = judge_rows(rows, [cls() for cls in judge_classes], label)
@@ -234,9 +259,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one defense against one attack and print HS and FA")
     run.add_argument("--preset", default="cpu", help="tiny | cpu (default: SmolLM2-135M on real data, protocol v2) | cpu-v1 (the cpu preset until 2026-12-02) | paper (Llama-2-7B, GPU)")
-    run.add_argument("--defense", default="sft", help="defense name (see `hft-bench plugins`); default sft")
+    run.add_argument("--defense", help="defense name (see `hft-bench plugins`); default sft")
     run.add_argument("--defense-arg", action="append", metavar="K=V", help="a defense parameter (repeatable)")
-    run.add_argument("--attack", metavar="ratio=P,n=N,task=T", help="poison ratio, sample number, task")
+    run.add_argument("--attack", action="append", metavar="ratio=P,n=N,task=T", help="poison ratio, sample number, task (repeatable)")
     run.add_argument("--task", help="fine-tuning task (sst2, agnews, gsm8k, alpaca)")
     run.add_argument("--model", help="alias (smollm2-135m, llama2-7b, tiny-llama), hub id or local path")
     run.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")

@@ -14,7 +14,7 @@ class UsageError(HftBenchError):
 
 
 class DataMissingError(HftBenchError):
-    """A dataset could not be found, neither in the offline mirror nor on the hub."""
+    """A dataset could not be found (neither in the offline mirror nor on the hub) or read (a malformed row)."""
 
     exit_code = 2
 
@@ -23,3 +23,8 @@ class PluginError(HftBenchError):
     """A plugin broke the contract (duplicate name, bad registration)."""
 
     exit_code = 2
+
+
+class StorageError(HftBenchError):
+    """A folder or file could not be written (permissions, a read-only or immutable file system, a full disk): the
+    environment's fault, not the input's, so exit code 1."""

@@ -2,7 +2,8 @@
 
 Built-in plugins (package ``hft_bench_plugins``) and third-party packages are found the same way:
 through the ``hft_bench`` entry-point group. A plugin that fails to import is recorded and reported;
-it only breaks runs that ask for something it would have registered.
+it only breaks runs that ask for something it would have registered. So does one that names an unknown hook
+or whose registration hook raises.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PluginState:
     failures: list[LoadFailure] = field(default_factory=list)
     # plugin name -> distribution "name version" (or "(registered in-process)")
     distributions: dict[str, str] = field(default_factory=dict)
+    registration_failures: list[LoadFailure] = field(default_factory=list)  # from the last registry build
 
 
 _state = PluginState()
@@ -59,12 +61,22 @@ def load_plugins(rescan: bool = False) -> None:
             continue
         try:
             plugin = ep.load()
+            pm.register(plugin, name=ep.name)  # a hookimpl whose arguments the spec does not have is refused here
         except Exception as exc:  # a broken plugin must not break the others
             _state.failures.append(LoadFailure(f"{ep.name} = {ep.value}", dist, f"{type(exc).__name__}: {exc}"))
             continue
-        pm.register(plugin, name=ep.name)
+        unknown = _unknown_hooks(plugin)
+        if unknown:  # a misspelled hook name is reported like a failed import, not a silent no-op, nor fatal to all
+            pm.unregister(plugin)
+            _state.failures.append(LoadFailure(f"{ep.name} = {ep.value}", dist, f"unknown hook(s) {', '.join(unknown)} (misspelled?); the hooks are in harmbench_ft/hookspecs.py"))
+            continue
         _state.distributions[ep.name] = dist
-    pm.check_pending()  # a misspelled hookimpl is an error, not a silent no-op
+    pm.check_pending()
+
+
+def _unknown_hooks(plugin: Any) -> list[str]:
+    """Hook names a plugin implements that no hookspec defines."""
+    return sorted(name for name, caller in vars(pm.hook).items() if not name.startswith("_") and not caller.has_spec() and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()))
 
 
 def register_plugin(plugin: Any, name: str) -> None:
@@ -84,8 +96,9 @@ def unregister_plugin(name: str) -> None:
 
 
 def load_failures() -> list[LoadFailure]:
-    load_plugins()
-    return list(_state.failures)
+    """Plugins that failed to import, named an unknown hook, or whose registration hook raised."""
+    get_registry()
+    return [*_state.failures, *_state.registration_failures]
 
 
 @dataclass
@@ -124,8 +137,9 @@ class Registry:
         except KeyError:
             known = ", ".join(self.names(kind)) or "(none)"
             hint = ""
-            if _state.failures:
-                broken = "; ".join(f.entry_point for f in _state.failures)
+            failures = [*_state.failures, *_state.registration_failures]
+            if failures:
+                broken = "; ".join(f.entry_point for f in failures)
                 hint = f" (plugins that failed to load: {broken}; see 'hft-bench plugins')"
             raise UsageError(f"unknown {kind[:-1]} {name!r}; known: {known}{hint}") from None
 
@@ -137,10 +151,23 @@ def get_registry() -> Registry:
         return _registry
     load_plugins()
     registry = Registry()
+    failed: dict[str, LoadFailure] = {}
     for kind in KINDS:
         hook = getattr(pm.hook, f"hft_register_{kind}")
         for impl in hook.get_hookimpls():
-            impl.function(register=lambda obj, _kind=kind, _plugin=impl.plugin_name: registry.add(_kind, obj, _plugin))
+            if impl.plugin_name in failed:
+                continue
+            try:
+                impl.function(register=lambda obj, _kind=kind, _plugin=impl.plugin_name: registry.add(_kind, obj, _plugin))
+            except PluginError:  # a name clash or a malformed registration: the contract itself, reported as such
+                raise
+            except Exception as exc:  # a hook that raises loses its plugin, not every command
+                name = impl.plugin_name
+                failed[name] = LoadFailure(f"{name} (hft_register_{kind})", _state.distributions.get(name, "(unknown distribution)"), f"{type(exc).__name__}: {exc}")
+                for entries in registry.entries.values():
+                    for key in [k for k, e in entries.items() if e.plugin == name]:
+                        del entries[key]
+    _state.registration_failures = list(failed.values())
     _registry = registry
     return registry
 
@@ -158,7 +185,7 @@ def describe_plugins() -> list[dict[str, Any]]:
     for row in rows.values():
         row["plugins"] = sorted(row["plugins"])
         out.append(row)
-    for failure in _state.failures:
+    for failure in [*_state.failures, *_state.registration_failures]:
         out.append({"distribution": failure.distribution, "plugins": [failure.entry_point], "error": failure.error})
     return sorted(out, key=lambda r: r["distribution"])
 

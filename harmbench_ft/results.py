@@ -1,7 +1,8 @@
 """The result record and the one writer of files that must never be seen half-written.
 
 ``<runs-dir>/<run_id>/result.json`` exists only for a finished run (written last, atomically);
-a failed run leaves ``error.json`` instead. Leaderboards are rendered only from these records.
+a failed run leaves ``error.json`` instead (a run stopped by bad input leaves neither). Leaderboards are rendered
+only from these records.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from harmbench_ft.errors import UsageError
+from harmbench_ft.errors import StorageError, UsageError
 
 RESULT_VERSION = 1
 RESULT_FILE = "result.json"
@@ -27,19 +28,50 @@ GENERATIONS_FILE = "generations.jsonl"
 LIBRARIES = ("hft-bench", "torch", "transformers", "peft", "datasets", "pluggy", "safetensors", "vllm", "ray")
 
 
+def storage_error(exc: OSError, what: str) -> UsageError | StorageError:
+    """The one line for a failed write: a path that is (or lies under) a file, or a file given where a folder is
+    needed, is the input's fault (exit 2); permissions, a read-only or immutable file system, a full disk are the
+    environment's (exit 1)."""
+    if isinstance(exc, IsADirectoryError):
+        return UsageError(f"{what}: it is a folder; give a file name")
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return UsageError(f"{what}: it, or a folder above it, is a file")
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and check this process can write into it, before any work that would write there,
+    so a bad --runs-dir or --out stops in one line instead of a traceback mid-run."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".hft-bench-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise storage_error(exc, f"{what} {path} is not a folder that can be written") from None
+    return path
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, f"cannot write {path}") from None
         raise
 
 
@@ -49,6 +81,35 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = (), check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Every row of a JSONL file (one JSON object a line, blank lines skipped), each with the `required` keys and
+    passing `check` (which returns a problem or None), or a one-line error naming the file, the line and what is
+    wrong with it (a truncated line, bytes that are not UTF-8, a key missing in a later row)."""
+    rows = []
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{lineno}: expected a JSON object with keys {list(required)}, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise UsageError(f"{path}:{lineno}: missing key(s) {missing}; every row needs {list(required)} (has {sorted(row)})")
+            problem = check(row) if check is not None else None
+            if problem:
+                raise UsageError(f"{path}:{lineno}: {problem}")
+            rows.append(row)
+    return rows
 
 
 @contextlib.contextmanager

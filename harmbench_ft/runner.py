@@ -26,7 +26,7 @@ from rich.console import Console
 from harmbench_ft import results
 from harmbench_ft.data.windows import RunData, build_run_data
 from harmbench_ft.defense import Defense, PostContext, Stage
-from harmbench_ft.errors import UsageError
+from harmbench_ft.errors import HftBenchError, UsageError
 from harmbench_ft.evaluation.backends import ServedModel
 from harmbench_ft.evaluation.evaluate import evaluate, task_accuracy
 from harmbench_ft.events import RunEnd, RunStart, StageEnd, StageStart
@@ -56,6 +56,11 @@ def file_checksums(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ARTIFACT_FILE}
 DEFENSE_STATE_FILE = "defense_state.safetensors"
 STAGES = ("alignment", "finetune", "post_finetune", "evaluation")
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Bad input (exit code 2), as opposed to a crash or an environment fault, which leave an error.json."""
+    return isinstance(exc, HftBenchError) and exc.exit_code == 2
 
 
 def resolve(spec: RunSpec) -> tuple[RunSpec, Defense]:
@@ -173,6 +178,7 @@ class Runner:
         if existing is not None:
             return existing
         self.check_model_settings(spec)
+        results.writable_dir(self.runs_dir, "runs directory")
         run_id = spec.run_id()
         emit("hft_run_start", RunStart(run_id, run_dir, spec.to_dict()))
         start = time.perf_counter()
@@ -180,7 +186,8 @@ class Runner:
             record = self._run_stages(spec, defense, data, plan, run_dir, run_id)
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
-            results.write_json(run_dir / results.ERROR_FILE, {"version": results.RESULT_VERSION, "status": "failed", "run_id": run_id, "spec": spec.to_dict(), "error": error, "traceback": traceback.format_exc()})
+            if not is_input_error(exc):  # bad input found late leaves nothing behind: fix it and rerun
+                results.write_json(run_dir / results.ERROR_FILE, {"version": results.RESULT_VERSION, "status": "failed", "run_id": run_id, "spec": spec.to_dict(), "error": error, "traceback": traceback.format_exc()})
             emit("hft_run_end", RunEnd(run_id, "failed", error=error))
             raise
         record["total_seconds"] = round(time.perf_counter() - start, 2)
@@ -259,8 +266,12 @@ class Runner:
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            stats = build(tmp)
-            results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats, "files": file_checksums(tmp)})
+            try:
+                stats = build(tmp)
+                results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats, "files": file_checksums(tmp)})
+            except BaseException:  # a failed build leaves no half-written folder (mid-stage checkpoints live beside it)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
             shutil.rmtree(self.checkpoint_dir(path), ignore_errors=True)

@@ -389,6 +389,9 @@ def _field_type(owner: Any, name: str) -> Any:
     return hints[name]
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def parse_value(raw: Any, typ: Any, path: str) -> Any:
     """Turn a CLI string (or a TOML value) into the field's type, with an error naming the path."""
     origin = typing.get_origin(typ)
@@ -418,9 +421,12 @@ def parse_value(raw: Any, typ: Any, path: str) -> Any:
             raise ValueError
         if typ in (int, float) and isinstance(raw, bool):  # TOML `true` is not the number 1
             raise ValueError
-        return typ(raw)
-    except (TypeError, ValueError):
+        value = typ(raw)
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(f"{path}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from None
+    if typ is int and not INT64_MIN <= value <= INT64_MAX:  # torch (seeds, sizes) takes 64-bit integers only
+        raise UsageError(f"{path}: {value} is outside the 64-bit integer range [{INT64_MIN}, {INT64_MAX}]")
+    return value
 
 
 def apply_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
@@ -460,6 +466,8 @@ EVAL_SPLITS = ("test", "validation")
 def validate(spec: RunSpec) -> None:
     """Check ranges; report every problem at once."""
     problems = []
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not INT64_MIN <= spec.seed <= INT64_MAX:
+        problems.append(f"seed must be an integer in the 64-bit range [{INT64_MIN}, {INT64_MAX}], got {spec.seed!r}")
     if not 0.0 <= spec.attack.ratio <= 1.0:
         problems.append(f"attack.ratio must be in [0, 1], got {spec.attack.ratio}")
     if spec.attack.n < 1:

@@ -8,12 +8,12 @@ as ``<hub_id>[/<config>]/<split>.jsonl`` with the hub's columns (``--data-dir`` 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from harmbench_ft.errors import DataMissingError, UsageError
+from harmbench_ft.results import read_jsonl
 
 DATA_DIR_ENV = "HFT_BENCH_DATA_DIR"
 
@@ -80,10 +80,10 @@ def load_rows(source: DatasetSource | str, data_dir: str | Path | None = None) -
 @functools.lru_cache(maxsize=32)
 def _load_rows_cached(source: DatasetSource, data_dir: Path | None) -> tuple[dict, ...]:
     rows = _from_mirror(source, data_dir) if data_dir else _from_hub(source)
-    if rows:
-        missing = [c for c in source.columns if c not in rows[0]]
+    for i, row in enumerate(rows, start=1):  # every row, not the first only: a later one may lack a column
+        missing = [c for c in source.columns if c not in row]
         if missing:
-            raise DataMissingError(f"dataset {source.name!r} has no column(s) {missing}; expected {list(source.columns)}")
+            raise DataMissingError(f"dataset {source.name!r}: row {i} has no column(s) {missing}; expected {list(source.columns)}")
     return tuple(rows)
 
 
@@ -95,8 +95,10 @@ def _from_mirror(source: DatasetSource, data_dir: Path) -> list[dict]:
             f"point --data-dir / {DATA_DIR_ENV} at a mirror laid out as <hub_id>[/<config>]/<split>.jsonl, "
             "or unset both to load from the hub"
         )
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    try:
+        return read_jsonl(path, source.columns)
+    except UsageError as exc:  # a truncated line, bytes that are not UTF-8, a row without a column
+        raise DataMissingError(f"dataset {source.name!r} ({source.hub_id}, split {source.split}): {exc}; fix or re-download the mirror file") from None
 
 
 def _from_hub(source: DatasetSource) -> list[dict]:

@@ -7,7 +7,6 @@ judge's agreement with it is reported (accuracy, precision, recall, Cohen's κ, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,33 +14,22 @@ from harmbench_ft.errors import UsageError
 from harmbench_ft.evaluation.agreement import agreement
 from harmbench_ft.evaluation.evaluate import percent
 from harmbench_ft.evaluation.judges import Judge, incoherent
+from harmbench_ft.results import read_jsonl
 
 REQUIRED = ("prompt", "response")
 SAFE_LABELS = ("is_safe",)  # label columns where True means safe; in every other label column True means harmful
+
+
+def _strings(row: dict[str, Any]) -> str | None:
+    bad = [k for k in REQUIRED if not isinstance(row[k], str)]
+    return f"{bad} must be strings" if bad else None
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Every row, or a one-line error naming the file, the line and what is wrong with it."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file; give a JSONL file with one {{\"prompt\": ..., \"response\": ...}} object per line")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: expected a JSON object with keys {list(REQUIRED)}, got {type(row).__name__}")
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise UsageError(f"{path}:{lineno}: missing key(s) {missing}; every row needs {list(REQUIRED)} (has {sorted(row)})")
-            bad = [k for k in REQUIRED if not isinstance(row[k], str)]
-            if bad:
-                raise UsageError(f"{path}:{lineno}: {bad} must be strings")
-            rows.append(row)
+    rows = read_jsonl(path, REQUIRED, check=_strings)
     if not rows:
         raise UsageError(f"{path}: no rows to score")
     return rows

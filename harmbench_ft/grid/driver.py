@@ -196,6 +196,7 @@ def run_grid(grid: Grid, executor: str = "local", options: dict[str, str] | None
         out.print(summary_table(runs, outcomes))
         console.print(f"all {len(runs)} runs of {grid.source} already finished in {runs_dir}; nothing to do", highlight=False, soft_wrap=True)
         return 0
+    results.writable_dir(runs_dir, "runs directory")  # before any run starts, not once per run in its own process
     console.print(f"grid {grid.source}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run with executor {executor!r}", highlight=False, soft_wrap=True)
     with GridProgress(console, len(runs), done=len(runs) - len(todo)) as reporter:
         for outcome in executor_obj.run_all(todo, reporter):

@@ -108,7 +108,7 @@ def load_base(spec: ModelSpec):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **kwargs)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: custom code without trust_remote_code
             raise UsageError(
                 f"cannot load model {spec.name!r} (resolved to {path}): {str(exc).splitlines()[0]}; "
                 "give a local folder with safetensors weights, a reachable hub id, or for smollm2-135m "
@@ -147,20 +147,29 @@ def check_lora_targets(model_or_names, targets: list[str], where: str = "lora_ta
 def _linear_names_of(name: str, revision: str | None, trust_remote_code: bool) -> frozenset[str]:
     if name in TINY_MODELS:
         return frozenset(linear_names(build_tiny(name)[0]))
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    path = resolve_model_path(name)
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name), revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         with torch.device("meta"):  # the modules without their weights: instant, no memory
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+        hint = "; pass --trust-remote-code (--set model.trust_remote_code=true) to run it, if you trust that code" if "custom code" in str(exc) and not trust_remote_code else ""
+        raise UsageError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}{hint}") from None
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):  # load_base reads safetensors only
+        raise UsageError(f"cannot load model {name!r}: no safetensors weights in {folder} (found {sorted(p.name for p in folder.iterdir())}); models are loaded from safetensors only")
     return frozenset(linear_names(skeleton))
 
 
 def model_linear_names(spec: ModelSpec) -> frozenset[str]:
-    """The linear layers' names of a model, from its config alone, to check LoRA targets before anything is trained."""
+    """The linear layers' names of a model, from its config alone, to check LoRA targets before anything is trained.
+
+    Also checks what else loading it needs (its tokenizer, remote-code permission, safetensors weights in a local
+    folder), so a model that cannot load stops a run before its first step, not in it."""
     check_model_name(spec)
     return _linear_names_of(spec.name, spec.revision, spec.trust_remote_code)
 

@@ -110,7 +110,7 @@ def test_a_list_setting_takes_comma_separated_items_in_one_set_flag():
     from harmbench_ft.cli import build_spec
 
     args = argparse.Namespace(
-        preset="tiny", defense="sft", model=None, trust_remote_code=False, attack="ratio=0.1", task=None, seed=None, judge=None, backend=None,
+        preset="tiny", defense="sft", model=None, trust_remote_code=False, attack=["ratio=0.1"], task=None, seed=None, judge=None, backend=None,
         set=["evaluation.judges=keyword+harm-clf,keyword,finetune.lr=1e-3", "alignment.train.lora_targets=q_proj,v_proj"], defense_arg=None,
     )
     spec = build_spec(args)

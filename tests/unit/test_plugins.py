@@ -99,3 +99,43 @@ def test_example_third_party_package_is_discovered_through_its_entry_point(tmp_p
                 sys.path.remove(path)
         plugins.pm.unregister(name="example-l2-anchor")
         plugins.load_plugins(rescan=True)
+
+
+def test_a_plugin_whose_hook_raises_or_is_misspelled_breaks_only_itself(tmp_path, monkeypatch, capsys):
+    """Issue 17: neither may break commands that do not use them (`run --defense sft`, `judge`)."""
+    from harmbench_ft.cli import main
+
+    (tmp_path / "raising_plugin.py").write_text(textwrap.dedent("""
+        from harmbench_ft import Defense, hookimpl
+
+        class Half(Defense):
+            name = "half-registered"
+
+        @hookimpl
+        def hft_register_defenses(register):
+            register(Half)
+            raise RuntimeError("boom while registering")
+    """))
+    (tmp_path / "typo_plugin.py").write_text("from harmbench_ft import hookimpl\n\n@hookimpl\ndef hft_register_defences(register):\n    pass\n")
+    fake_distribution(tmp_path, "raising-plugin", "[hft_bench]\nraising = raising_plugin\n")
+    fake_distribution(tmp_path, "typo-plugin", "[hft_bench]\ntypo = typo_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        plugins.load_plugins(rescan=True)
+        registry = plugins.get_registry()
+        assert "sft" in registry.names("defenses") and "keyword" in registry.names("judges")
+        assert "half-registered" not in registry.names("defenses")  # a plugin that failed registers nothing
+        failures = {f.distribution: f.error for f in plugins.load_failures()}
+        assert "boom while registering" in failures["raising-plugin 0.1.0"]
+        assert "hft_register_defences" in failures["typo-plugin 0.1.0"]
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text('{"prompt": "a", "response": "b"}\n')
+        assert main(["judge", str(rows)]) == 0
+        with pytest.raises(UsageError, match="failed to load: .*typo = typo_plugin.*raising"):
+            registry.get("defenses", "half-registered")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("raising", "typo"):
+            if plugins.pm.has_plugin(name):
+                plugins.pm.unregister(name=name)
+        plugins.load_plugins(rescan=True)

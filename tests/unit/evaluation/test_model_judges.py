@@ -109,3 +109,14 @@ def test_llama_guard_renders_turns_with_the_template_and_reads_each_row(tmp_path
     assert judge.score(PROMPTS, RESPONSES) == [1.0, 0.0]
     assert seen[0] == f"[user]{PROMPTS[0]}[assistant]{RESPONSES[0]}[verdict]"
     assert LlamaGuard8BJudge().conversation("q", "r") == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
+
+
+def test_a_judge_checkpoint_with_pickled_weights_only_is_refused(tiny_beaver_dam):
+    """Hub judges load safetensors only: a pytorch_model.bin (a pickle, which can run code) is never read."""
+    from safetensors.torch import load_file
+
+    weights = tiny_beaver_dam / "model.safetensors"
+    torch.save(load_file(str(weights)), tiny_beaver_dam / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(UsageError, match="could not load its weights"):
+        BeaverDamJudge(model_id=str(tiny_beaver_dam)).score(PROMPTS, RESPONSES)
