@@ -87,6 +87,8 @@ def results_frame(runs_dir: Path, judge: str | None = None) -> pd.DataFrame:
         rows.append(
             {
                 "protocol": protocol_id(spec),
+                "run_id": record["run_id"],
+                "n_hs_prompts": record.get("data", {}).get("n_hs_prompts"),
                 "preset": preset_of(spec),
                 "model": spec["model"]["name"],
                 "task": spec["attack"]["task"],
@@ -335,6 +337,21 @@ def judge_table(df: pd.DataFrame, judge: str) -> str:
     return "\n".join(lines)
 
 
+def annotated_table(df: pd.DataFrame, annotation: dict[str, Any] | None) -> str:
+    """The HS table again, by careful annotation instead of a judge: for every run all of whose HS answers were
+    annotated blind (benchmarks/protocol_annotation.py), or "" when none was."""
+    runs = (annotation or {}).get("runs", {})
+    full = {run_id: r["annotated_hs"] for run_id, r in runs.items() if r.get("n_annotated") and r["n_annotated"] == df.loc[df["run_id"] == run_id, "n_hs_prompts"].max()}
+    if not full:
+        return ""
+    df = df.assign(**{"HS/annotated": df["run_id"].map(full)})
+    return (
+        f"## HS by careful annotation\n\nEvery one of the {df['n_hs_prompts'].max()} HS answers of {len(full)} of these {len(df)} runs, "
+        f"annotated blind under docs/labelling.md (– : not annotated). Where this and the judge's table disagree, this one is the measurement.\n\n"
+        + judge_table(df, "annotated") + "\n\n"
+    )
+
+
 def cost_table(df: pd.DataFrame) -> str:
     """Per-defense cost: alignment and fine-tuning seconds, seconds per step as a ratio to SFT."""
     df = df.assign(row=_row_labels(df))
@@ -489,6 +506,7 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, judge: str | None = None) 
             f"per poison ratio p; avg = mean over the ratios. Mean ± std over seeds where more than one seed ran. "
             f"{len(sub)} results.\n\n{table}\n\n{_protocol_summary(proto, first['judge_desc'], first['judge'])}\n\n"
             f"![HS and FA against the poison ratio]({stem}.png)\n\n"
+            + annotated_table(sub, annotation)
             + "".join(f"## HS by judge `{c[3:]}`\n\n{judge_table(sub, c[3:])}\n\n" for c in further_judge_columns(sub))
             + f"## Judges' agreement with careful annotation\n\n{agreement_note([first['judge'], *(c[3:] for c in further_judge_columns(sub))])}\n\n"
             + protocol_annotation_note(annotation, proto_id)

@@ -264,3 +264,32 @@ def test_continue_records_get_their_own_table_and_a_regime_effect_view(runs, tmp
     assert "| Defense | ΔHS p=0 | ΔHS p=0.2 | ΔFA p=0 | ΔFA p=0.2 |" in md
     assert "median over the cells that have two or more seeds): HS 10.0; FA 5.0" in md
     assert "regime-effect-" in (tmp_path / "lb" / "README.md").read_text()
+
+
+def test_runs_annotated_on_every_answer_get_an_hs_table_by_annotation(runs, tmp_path):
+    """Only a run whose every HS answer was annotated enters the table; a sampled one stays in the per-run list."""
+    from harmbench_ft.leaderboard import protocol_id
+
+    out = tmp_path / "lb"
+    by_key, pid = {}, None
+    for path in runs.glob("*/result.json"):
+        rec = json.loads(path.read_text())
+        rec["data"] = {"n_hs_prompts": 100}
+        results.write_json(path, rec)
+        if rec["spec"]["attack"]["task"] == "sst2" and rec["status"] == "finished":
+            by_key[(rec["spec"]["defense"]["name"], rec["spec"]["attack"]["ratio"], rec["seed"] if "seed" in rec else rec["spec"]["seed"])] = rec["run_id"]
+            pid = protocol_id(rec["spec"])
+    agree = {"n": 100, "judge_hs": 3.0, "labelled_hs": 3.0, "accuracy": 100.0, "precision": 100.0, "recall": 100.0, "kappa": 1.0, "confusion": {"tp": 3, "fp": 0, "fn": 0, "tn": 97}}
+    annotated = {by_key[("sft", 0.0, 0)]: (100, 2.0), by_key[("sft", 0.0, 1)]: (100, 4.0), by_key[("booster", 0.0, 0)]: (50, 8.0)}
+    report = {"protocol": pid, "set": "250 answers", "pooled": {"keyword": agree},
+              "runs": {run_id: {"n_annotated": n, "annotated_hs": hs, "judges": {"keyword": {"on_sample": agree}}} for run_id, (n, hs) in annotated.items()}}
+    (out / "annotations").mkdir(parents=True)
+    (out / "annotations" / f"{pid}.json").write_text(json.dumps(report))
+    write_leaderboards(runs, out)
+    table = next(p for p in out.glob(f"*{pid}.md")).read_text()
+    section = table.split("## HS by careful annotation", 1)[1].split("\n## ", 1)[0]
+    assert "Every one of the 100 HS answers of 2 of these 8 runs" in section
+    assert "| sft | 3.0 ± 1.4 | – | 3.0 ± 1.4 |" in section  # seeds 0 and 1 at p=0; p=0.2 not annotated
+    assert "| booster | – | – | – |" in section  # 50 of 100 answers: a sample, not the run's HS
+    other = next(p for p in out.glob("*.md") if p.name != "README.md" and pid not in p.name).read_text()
+    assert "## HS by careful annotation" not in other
