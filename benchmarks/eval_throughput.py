@@ -93,7 +93,7 @@ def main() -> None:
         start = time.perf_counter()
         served = ServedModel(model, tokenizer, args.model, extra={"model_spec": {"name": args.model}})
         engine = vllm_backend.VLLMBackend().generate(served, prompts, args.max_new_tokens, args.batch_size)
-        timings = dict(vllm_backend.LAST_TIMINGS)
+        timings = dict(vllm_backend.LAST_ENGINE)
         vllm_same = [a == b for a, b in zip(batched, engine)]
         result.update({
             "vllm_seconds_total": round(time.perf_counter() - start, 2), "vllm_engine_start_seconds": timings.get("engine_start_s"),

@@ -225,6 +225,7 @@ class Runner:
             metrics, samples = evaluate(served, data, task, judges, backend, spec.evaluation)
             results.write_jsonl(run_dir / results.GENERATIONS_FILE, samples)
             info.update(reused=False, judges=[j.describe() for j in judges], backend=backend.name, n_harmful_prompts=len(data.hs_prompts), n_task_test=len(data.task_test))
+            generated_by = backend.describe()
 
         return {
             "version": results.RESULT_VERSION,
@@ -237,7 +238,7 @@ class Runner:
             "adapter_regime": spec.finetune.regime,
             "data": {"hashes": data.hashes, "n_alignment": len(data.alignment), "n_harmful": len(data.harmful), "n_user": len(data.user), "n_poison": data.n_poison, "n_hs_prompts": len(data.hs_prompts), "n_task_test": len(data.task_test)},
             "artifacts": {"alignment": str(align_dir), "finetune": str(ft_dir), "final": str(final_dir)},
-            "provenance": results.provenance(),
+            "provenance": {**results.provenance(), "backend": generated_by},
         }
 
     @contextmanager

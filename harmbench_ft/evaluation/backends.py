@@ -26,3 +26,7 @@ class Backend:
 
     def generate(self, served: ServedModel, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What generated the answers, for the result's provenance (an engine adds its settings once it has run)."""
+        return {"name": self.name}

@@ -27,6 +27,7 @@ def test_result_is_complete(tmp_path, shared_data):
         assert 0.0 <= record["metrics"][metric] <= 100.0
     assert record["spec"]["defense"]["name"] == "sft" and record["adapter_regime"]
     assert record["provenance"]["libraries"]["torch"]
+    assert record["provenance"]["backend"] == {"name": "hf"}  # what generated the answers (vllm adds its engine settings)
     assert record["data"]["n_poison"] == 2 and record["data"]["n_user"] == 20  # round(0.1 * 20)
     run_dir = tmp_path / record["run_id"]
     assert json.loads((run_dir / "result.json").read_text()) == record

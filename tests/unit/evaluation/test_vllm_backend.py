@@ -46,6 +46,7 @@ FAKE_API = SimpleNamespace(LLM=FakeVLLMEngine, SamplingParams=FakeSamplingParams
 def fresh_fake(tmp_path, monkeypatch):
     FakeVLLMEngine.built, FakeVLLMEngine.calls = [], []
     monkeypatch.setenv("HFT_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HFT_BENCH_VLLM_LORA", "on")  # these tests check the LoRA request, on any machine
 
 
 def served_with_adapter(tmp_path, rank: int | None):
@@ -185,12 +186,16 @@ def test_the_engine_runs_in_the_served_precision_and_eager_with_a_bounded_kv_cac
     monkeypatch.setenv("HFT_BENCH_VLLM_CPU_KVCACHE_GIB", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     served = served_with_adapter(tmp_path, rank=4)
-    VLLMBackend(api=FAKE_API, isolate=False).generate(served, ["ab"], max_new_tokens=3, batch_size=1)
+    backend = VLLMBackend(api=FAKE_API, isolate=False)
+    backend.generate(served, ["ab"], max_new_tokens=3, batch_size=1)
     (engine,) = FakeVLLMEngine.built
     assert engine["dtype"] == "float32" and engine["enforce_eager"] is True
     import os
 
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    (call,) = backend.describe()["calls"]  # what the result's provenance records
+    assert call["engine_arguments"]["enforce_eager"] is True and call["engine_arguments"]["dtype"] == "float32"
+    assert call["environment"] == {"VLLM_CPU_KVCACHE_SPACE": "2"} and call["lora"] is True and "model" not in call["engine_arguments"]
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -224,7 +229,9 @@ def test_the_engine_can_run_in_another_interpreter(tmp_path, monkeypatch):
     served = served_with_adapter(tmp_path, rank=None)
     backend = VLLMBackend(api=FAKE_API)  # isolate=True: the interpreter path
     assert backend.run(backend.job(served, ["ab", "abcd"], 5)) == ["float32:2", "float32:4"]
-    assert {"engine_start_s", "generate_s"} <= set(vllm_backend.LAST_TIMINGS)  # timed in the engine's interpreter
+    assert {"engine_start_s", "generate_s"} <= set(vllm_backend.LAST_ENGINE)  # timed in the engine's interpreter
+    (call,) = backend.describe()["calls"]
+    assert call["interpreter"] == sys.executable and call["generate_s"] == vllm_backend.LAST_ENGINE["generate_s"]
 
     monkeypatch.setenv("HFT_BENCH_VLLM_PYTHON", str(tmp_path / "no-python"))
     with pytest.raises(UsageError, match="HFT_BENCH_VLLM_PYTHON=.*is not a file"):
@@ -233,3 +240,20 @@ def test_the_engine_can_run_in_another_interpreter(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", ":".join(sys.path))  # no vllm there: one clear error, not a hang
     with pytest.raises(RuntimeError, match="the vLLM engine in .* failed"):
         backend.run(backend.job(served, ["ab"], 5))
+
+
+def test_on_cpu_a_finetune_adapter_is_merged_into_the_served_weights_unless_lora_is_asked_for(tmp_path, monkeypatch):
+    """HFT_BENCH_VLLM_LORA=auto (the default): a LoRA request on a GPU; on the CPU build, where vLLM's LoRA path
+    generated several times slower, the merged model; `on` and `off` force either; anything else is one line."""
+    served = served_with_adapter(tmp_path, rank=8)
+    monkeypatch.setenv("HFT_BENCH_VLLM_LORA", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    job = VLLMBackend(api=FAKE_API, isolate=False).job(served, ["ab"], 3)
+    assert job.lora_dir is None and "merged" in job.model_dir
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert VLLMBackend(api=FAKE_API, isolate=False).job(served, ["ab"], 3).lora_dir == str(served.final_adapter)
+    monkeypatch.setenv("HFT_BENCH_VLLM_LORA", "off")
+    assert VLLMBackend(api=FAKE_API, isolate=False).job(served, ["ab"], 3).lora_dir is None
+    monkeypatch.setenv("HFT_BENCH_VLLM_LORA", "yes")
+    with pytest.raises(UsageError, match="HFT_BENCH_VLLM_LORA='yes': one of auto, on, off"):
+        VLLMBackend(api=FAKE_API)
