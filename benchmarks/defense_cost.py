@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--defenses", default="sft,booster,vaccine,repnoise,lisa,panacea,random-perturbation")
+    parser.add_argument("--defenses", default="sft,booster,vaccine,repnoise,lisa,panacea,random-perturbation",
+                        help="comma-separated; NAME:K=V;K=V times a defense with those parameters (repnoise:variant=response-tokens)")
     args = parser.parse_args(argv)
 
     spec = apply_overrides(preset("cpu"), {"model.name": args.model, "alignment.train.batch_size": args.batch_size, "finetune.batch_size": args.batch_size, "alignment.train.max_length": args.max_length, "finetune.max_length": args.max_length})
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     same = batches(data.alignment)
     streams = {s: Fixed(same) for s in ("alignment", "harmful", "harmful_refusals", "user")}
     rows = []
-    for name in args.defenses.split(","):
-        defense = registry.get("defenses", name)()
+    for entry in args.defenses.split(","):
+        name, _, given = entry.partition(":")
+        cls = registry.get("defenses", name)
+        defense = cls(cls.make_params(dict(kv.split("=", 1) for kv in given.split(";") if kv)))
+        name = entry
         if defense.stages and all(s is Stage.POST_FINETUNE for s in defense.stages):
             ctx = PostContext(model, params, names, 0, Path("/tmp"))
             start = time.perf_counter()
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = sft[r["stage"]]
         r["time_ratio"] = r["s_per_step"] / base["s_per_step"]
         r["memory_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] else float("nan")
-        target = TARGETS.get(r["defense"])
+        target = TARGETS.get(r["defense"].partition(":")[0])
         verdict = "" if target is None else ("ok" if r["time_ratio"] <= target else "OVER")
         print(f"{r['defense']:22} {r['stage']:14} {r['s_per_step']:8.3f} {r['time_ratio']:6.2f} {('<=' + str(target)) if target else '':>7} {r['peak_mb']:8.0f} {r['memory_ratio']:6.2f} {verdict}")
     return rows
