@@ -37,8 +37,8 @@ TARGETS = {"booster": 3.3, "panacea": 3.3, "vaccine": 2.2, "repnoise": 3.0, "lis
 class Fixed:
     """Serves the same micro-batches every step, so every defense sees identical data."""
 
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, batches, pad_id=None):
+        self.batches, self.pad_id = batches, pad_id  # pad_id: RepNoise widens a paired batch with it, as BatchStream does
 
     def next_step(self):
         return self.batches
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--own-streams", action="store_true", help="each stream serves its own rows, not the shared alignment batch (needed for RepNoise's original loss)")
     parser.add_argument("--defenses", default="sft,booster,vaccine,repnoise,lisa,panacea,random-perturbation",
                         help="comma-separated; NAME:K=V;K=V times a defense with those parameters (repnoise:variant=response-tokens)")
     args = parser.parse_args(argv)
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # more there than these ratios say.)
     same = batches(data.alignment)
     streams = {s: Fixed(same) for s in ("alignment", "harmful", "harmful_refusals", "user")}
+    if args.own_streams:  # each stream its own rows: RepNoise's original loss masks where harmful and refusal ids differ,
+        # which on one shared batch is nowhere (a step without its lens terms)
+        streams = {"alignment": Fixed(same), "harmful": Fixed(batches(data.harmful), tokenizer.pad_token_id), "harmful_refusals": Fixed(batches(data.harmful_refusals), tokenizer.pad_token_id), "user": Fixed(batches(data.user))}
     rows = []
     for entry in args.defenses.split(","):
         name, _, given = entry.partition(":")
