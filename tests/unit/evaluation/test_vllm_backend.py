@@ -47,6 +47,7 @@ def fresh_fake(tmp_path, monkeypatch):
     FakeVLLMEngine.built, FakeVLLMEngine.calls = [], []
     monkeypatch.setenv("HFT_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HFT_BENCH_VLLM_LORA", "on")  # these tests check the LoRA request, on any machine
+    monkeypatch.delenv("HFT_BENCH_VLLM_PYTHON", raising=False)  # CI exports it for the real-engine tests; these are in-process
 
 
 def served_with_adapter(tmp_path, rank: int | None):
