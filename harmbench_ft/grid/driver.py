@@ -132,7 +132,8 @@ def _metric(outcome: Outcome, name: str) -> str:
 
 
 def plan_table(runs: list[GridRun]) -> Table:
-    """--dry-run: each run, whether it will run (or is done), and per stage: reuse, build, or ← #i (built by run i)."""
+    """--dry-run: each run, whether it will run (or is done), and per stage: reuse, build, ← #i (built by run i), or
+    not needed (a finished run whose artifact is gone, as on a fresh machine with results copied from leaderboards/)."""
     builder = builders(runs)
     table = Table(title="grid plan")
     for col in ("#", "defense", "task", "p", "seed", "result", "alignment", "finetune", "post-ft"):
@@ -144,6 +145,8 @@ def plan_table(runs: list[GridRun]) -> Table:
                 cells.append("–")
             elif run.ready[stage]:
                 cells.append("[green]reuse[/green]")
+            elif run.finished:
+                cells.append("not needed")  # its result stands; an artifact deleted since is not rebuilt for it
             elif builder.get((stage, run.keys[stage])) == run.index:
                 cells.append("[yellow]build[/yellow]")
             else:

@@ -68,3 +68,17 @@ def test_dry_run_lists_runs_and_what_would_be_built_or_reused(tmp_path, shared_d
     assert main(args) == 0
     out = capsys.readouterr()
     assert out.out.count("reuse") == 2 and "5 artifacts to build" in out.err  # 6 minus the sft alignment
+
+
+def test_dry_run_of_finished_runs_whose_artifacts_are_gone(tmp_path, shared_data, capsys):
+    """A fresh machine with results copied from leaderboards/results: no artifacts, nothing to build for those runs."""
+    runs = plan(tmp_path, shared_data)
+    for run in runs[:2]:
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "result.json").write_text(json.dumps({"version": 1, "status": "finished", "run_id": run.run_dir.name, "spec": {}, "metrics": {}}))
+    path = tmp_path / "grid.toml"
+    args = ["grid", str(path), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(shared_data), "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert out.out.count("not needed") == 4 and out.out.count("← #3") == 1  # sft's two runs: alignment and finetune each
+    assert "4 runs, 2 already finished; 3 artifacts to build" in out.err
