@@ -3,7 +3,12 @@
     python benchmarks/protocol_annotation.py sample RUN_ID... [--work W] [--runs-dir runs] [--per-run 100] [--chunks 8]
     #   -> W/chunks/chunk-NN.jsonl (id, prompt, response only; shuffled across runs); W: runs/protocol-annotation
     #   annotators write W/labels/chunk-NN.jsonl under docs/labelling.md
-    python benchmarks/protocol_annotation.py score [--work W ...] [--runs-dir runs] [--out-dir leaderboards/annotations]
+    python benchmarks/protocol_annotation.py collect --work W... [--labels leaderboards/annotations/labels/cpu-v2.jsonl]
+    #   -> appends each labelled row (id, run_id, index, prompt, response, kind, harmful, annotator) to the labels file
+    python benchmarks/protocol_annotation.py score [--work W ... | --labels FILE ...] [--runs-dir runs] [--out-dir leaderboards/annotations]
+
+The committed labels file is the record: `score --labels` re-scores every annotated run from it alone (work
+folders live under runs/ and are lost with the machine).
 
 For each run: the annotated HS of its sampled answers, each judge's HS on the same answers and its κ with the
 annotation, and the judge's HS on all of the run's HS prompts; per protocol, each judge's agreement pooled over
@@ -29,6 +34,7 @@ from harmbench_ft.evaluation.agreement import agreement  # noqa: E402
 from harmbench_ft.leaderboard import protocol_id  # noqa: E402
 
 WORK = Path("runs/protocol-annotation")  # default work folder
+LABELS = Path("leaderboards/annotations/labels/cpu-v2.jsonl")  # the committed record of every v2 label
 
 
 def harmful_answers(runs_dir: Path, run_id: str) -> list[dict]:
@@ -60,15 +66,44 @@ def sample(work: Path, runs_dir: Path, run_ids: list[str], per_run: int, chunks:
     print(f"{len(blind)} answers of {len(run_ids)} runs in {chunks} chunks under {work / 'chunks'}")
 
 
-def score(works: list[Path], runs_dir: Path) -> dict:
-    labels, picked = {}, []
-    for path in sorted(p for work in works for p in (work / "labels").glob("chunk-*.jsonl")):
-        for row in read_jsonl(path):
-            if row.get("kind") not in KINDS or KINDS[row["kind"]] != row.get("harmful"):
-                raise SystemExit(f"protocol_annotation: {path}: row {row.get('id')} does not follow docs/labelling.md")
+def checked_labels(path: Path) -> list[dict]:
+    rows = read_jsonl(path)
+    for row in rows:
+        if row.get("kind") not in KINDS or KINDS[row["kind"]] != row.get("harmful"):
+            raise SystemExit(f"protocol_annotation: {path}: row {row.get('id')} does not follow docs/labelling.md")
+    return rows
+
+
+def work_labels(works: list[Path]) -> tuple[dict[str, dict], list[dict]]:
+    """Labels by id and the sampled (id, run_id, index) rows of annotation work folders."""
+    labels = {row["id"]: row for path in sorted(p for work in works for p in (work / "labels").glob("chunk-*.jsonl")) for row in checked_labels(path)}
+    picked = [p for work in works for p in read_jsonl(work / "sample.jsonl")]
+    return labels, picked
+
+
+def collect(works: list[Path], runs_dir: Path, labels_file: Path) -> None:
+    """Append the work folders' labelled rows, with their run, index, prompt and answer, to the labels file."""
+    labels, picked = work_labels(works)
+    have = {r["id"] for r in read_jsonl(labels_file)} if labels_file.is_file() else set()
+    new = []
+    for p in picked:
+        if p["id"] in labels and p["id"] not in have:
+            answer = next(r for r in harmful_answers(runs_dir, p["run_id"]) if r["index"] == p["index"])
+            label = labels[p["id"]]
+            new.append({"id": p["id"], "run_id": p["run_id"], "index": p["index"], "prompt": answer["question"], "response": answer["response"], **{k: label[k] for k in ("kind", "harmful", "annotator", "note") if k in label}})
+    with labels_file.open("a", encoding="utf-8") as f:
+        for row in new:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{len(new)} labelled answers added to {labels_file} ({len(picked) - sum(p['id'] in labels for p in picked)} sampled still unlabelled)")
+
+
+def score(works: list[Path], runs_dir: Path, labels_files: list[Path] = ()) -> dict:
+    labels, picked = work_labels(works)
+    for path in labels_files:
+        for row in checked_labels(path):
             labels[row["id"]] = row
-    for work in works:
-        picked += read_jsonl(work / "sample.jsonl")
+            picked.append({"id": row["id"], "run_id": row["run_id"], "index": row["index"]})
+    picked = list({p["id"]: p for p in picked}.values())  # an answer in a work folder and in the labels file counts once
     missing = [p["id"] for p in picked if p["id"] not in labels]
     if missing:
         raise SystemExit(f"protocol_annotation: {len(missing)} sampled answers have no label yet (e.g. {missing[0]})")
@@ -111,15 +146,22 @@ def main() -> None:
     s.add_argument("--runs-dir", type=Path, default=Path("runs"))
     s.add_argument("--per-run", type=int, default=100)
     s.add_argument("--chunks", type=int, default=8)
+    k = sub.add_parser("collect")
+    k.add_argument("--work", type=Path, action="append", required=True, help="a labelled sample's work folder; repeat for several")
+    k.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    k.add_argument("--labels", type=Path, default=LABELS)
     c = sub.add_parser("score")
-    c.add_argument("--work", type=Path, action="append", help="a sample's work folder; repeat to score several (default: runs/protocol-annotation)")
+    c.add_argument("--work", type=Path, action="append", help="a sample's work folder; repeat to score several (default: runs/protocol-annotation unless --labels)")
+    c.add_argument("--labels", type=Path, action="append", default=[], help="a labels file (collect's output); repeat for several")
     c.add_argument("--runs-dir", type=Path, default=Path("runs"))
     c.add_argument("--out-dir", type=Path, help="write <protocol id>.json here (the leaderboard reads leaderboards/annotations/)")
     args = parser.parse_args()
     if args.command == "sample":
         sample(args.work, args.runs_dir, args.run_ids, args.per_run, args.chunks, args.exclude)
+    elif args.command == "collect":
+        collect(args.work, args.runs_dir, args.labels)
     else:
-        report = score(args.work or [WORK], args.runs_dir)
+        report = score(args.work or ([] if args.labels else [WORK]), args.runs_dir, args.labels)
         for proto, entry in report.items():
             if args.out_dir:
                 args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,3 +51,24 @@ def test_sample_is_blind_and_score_compares_each_judge_with_the_labels(tmp_path,
     again(tmp_path / "rest", runs, [a], per_run=10, chunks=1, exclude=[work])
     rest = [json.loads(line) for line in (tmp_path / "rest" / "sample.jsonl").read_text().splitlines()]
     assert len(rest) == 2 and not {r["index"] for r in rest} & {p["index"] for p in picked.values() if p["run_id"] == a}
+
+
+def test_collected_labels_file_scores_the_same_as_the_work_folder(tmp_path):
+    """The committed labels file alone re-scores a protocol (work folders under runs/ go with the machine)."""
+    module = load()
+    runs, work, labels_file = tmp_path / "runs", tmp_path / "work", tmp_path / "labels.jsonl"
+    a = fake_run(runs, 0.1, [True, False, True, False])
+    module.sample(work, runs, [a], per_run=4, chunks=2, exclude=[])
+    (work / "labels").mkdir()
+    first = [json.loads(line) for line in (work / "chunks" / "chunk-00.jsonl").read_text().splitlines()]
+    (work / "labels" / "chunk-00.jsonl").write_text("".join(json.dumps({"id": r["id"], "kind": "harmful", "harmful": True, "annotator": "t"}) + "\n" for r in first))
+    module.collect([work], runs, labels_file)  # half labelled: only those go in
+    rows = [json.loads(line) for line in labels_file.read_text().splitlines()]
+    assert {r["id"] for r in rows} == {r["id"] for r in first} and all(r["response"].startswith("r") and r["run_id"] == a for r in rows)
+    rest = [json.loads(line) for line in (work / "chunks" / "chunk-01.jsonl").read_text().splitlines()]
+    (work / "labels" / "chunk-01.jsonl").write_text("".join(json.dumps({"id": r["id"], "kind": "refusal", "harmful": False, "annotator": "t"}) + "\n" for r in rest))
+    module.collect([work], runs, labels_file)
+    module.collect([work], runs, labels_file)  # again: nothing added twice
+    assert len(labels_file.read_text().splitlines()) == 4
+    assert module.score([], runs, [labels_file]) == module.score([work], runs)
+    assert module.score([work], runs, [labels_file])[next(iter(module.score([work], runs)))]["pooled"]["j"]["n"] == 4  # counted once
