@@ -119,3 +119,19 @@ def test_benign_alignment_from_the_tasks_own_split_cannot_overlap_the_upload(sha
         data_for(shared_data, **{"attack.task": "alpaca", "alignment.n_benign": 900, "attack.n": 200, "attack.ratio": 0.0})
     with pytest.raises(UsageError, match="no instruction/output columns"):
         data_for(shared_data, **{"alignment.benign_source": "sst2-train", "alignment.n_benign": 5})
+
+
+def test_an_empty_task_test_split_is_an_error_not_a_nan_accuracy(shared_data, tmp_path):
+    """An empty split once finished with FA NaN (a non-standard JSON literal); now it names the split and the count."""
+    from harmbench_ft.errors import DataMissingError, UsageError
+
+    mirror = tmp_path / "mirror"
+    for src in (p for p in shared_data.rglob("*") if p.is_file()):
+        dst = mirror / src.relative_to(shared_data)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src)
+    empty = mirror / "stanfordnlp" / "sst2" / "validation.jsonl"
+    empty.unlink()
+    empty.write_text("")
+    with pytest.raises((UsageError, DataMissingError), match=r"^sst2-validation: the test split is empty$"):
+        data_for(mirror)
