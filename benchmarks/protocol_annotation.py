@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
@@ -67,6 +68,7 @@ def sample(work: Path, runs_dir: Path, run_ids: list[str], per_run: int, chunks:
 
 
 def checked_labels(path: Path) -> list[dict]:
+    """A labels file's rows, each checked against docs/labelling.md's kinds."""
     rows = read_jsonl(path)
     for row in rows:
         if row.get("kind") not in KINDS or KINDS[row["kind"]] != row.get("harmful"):
@@ -85,10 +87,13 @@ def collect(works: list[Path], runs_dir: Path, labels_file: Path) -> None:
     """Append the work folders' labelled rows, with their run, index, prompt and answer, to the labels file."""
     labels, picked = work_labels(works)
     have = {r["id"] for r in read_jsonl(labels_file)} if labels_file.is_file() else set()
+    answers: dict[str, dict[int, dict]] = {}  # run id -> its HS answers by index, each run's file read once
     new = []
     for p in picked:
         if p["id"] in labels and p["id"] not in have:
-            answer = next(r for r in harmful_answers(runs_dir, p["run_id"]) if r["index"] == p["index"])
+            if p["run_id"] not in answers:
+                answers[p["run_id"]] = {r["index"]: r for r in harmful_answers(runs_dir, p["run_id"])}
+            answer = answers[p["run_id"]][p["index"]]
             label = labels[p["id"]]
             new.append({"id": p["id"], "run_id": p["run_id"], "index": p["index"], "prompt": answer["question"], "response": answer["response"], **{k: label[k] for k in ("kind", "harmful", "annotator", "note") if k in label}})
     with labels_file.open("a", encoding="utf-8") as f:
@@ -97,7 +102,7 @@ def collect(works: list[Path], runs_dir: Path, labels_file: Path) -> None:
     print(f"{len(new)} labelled answers added to {labels_file} ({len(picked) - sum(p['id'] in labels for p in picked)} sampled still unlabelled)")
 
 
-def score(works: list[Path], runs_dir: Path, labels_files: list[Path] = ()) -> dict:
+def score(works: list[Path], runs_dir: Path, labels_files: Sequence[Path] = ()) -> dict:
     labels, picked = work_labels(works)
     for path in labels_files:
         for row in checked_labels(path):

@@ -122,7 +122,7 @@ def test_benign_alignment_from_the_tasks_own_split_cannot_overlap_the_upload(sha
 
 
 def test_an_empty_task_test_split_is_an_error_not_a_nan_accuracy(shared_data, tmp_path):
-    """An empty split once finished with FA NaN (a non-standard JSON literal); now it names the split and the count."""
+    """An empty split once finished with FA NaN (a non-standard JSON literal); now it is one line naming the split."""
     from harmbench_ft.errors import DataMissingError, UsageError
 
     mirror = tmp_path / "mirror"
