@@ -170,6 +170,14 @@ class Runner:
         if spec.finetune.regime == "fresh":  # continue trains the alignment adapter: its targets are alignment.train's
             check_lora_targets(linear, spec.finetune.lora_targets, "finetune.lora_targets")
 
+    @staticmethod
+    def check_judges_ready(spec: RunSpec) -> None:
+        """Every judge can score here (packages, weights cached or reachable): a judge that would fail at
+        evaluation stops the run before its first step, not after hours of training."""
+        registry = get_registry()
+        for name in spec.evaluation.judges:
+            registry.get("judges", name)().check_ready()
+
     def run(self, spec: RunSpec) -> dict[str, Any]:
         """Run (or resume) one spec; return its result record. A finished run is not redone."""
         spec, defense, data, plan = self.prepare(spec)
@@ -178,6 +186,7 @@ class Runner:
         if existing is not None:
             return existing
         self.check_model_settings(spec)
+        self.check_judges_ready(spec)
         results.writable_dir(self.runs_dir, "runs directory")
         run_id = spec.run_id()
         emit("hft_run_start", RunStart(run_id, run_dir, spec.to_dict()))

@@ -16,6 +16,11 @@ class Judge:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         raise NotImplementedError
 
+    def check_ready(self) -> None:
+        """Raise a UsageError, cheaply and without loading weights, if this judge cannot score here (missing
+        package, weights neither cached nor reachable). A run calls it before its first step, so a judge that
+        would fail at evaluation stops the run before hours of training. Default: nothing to check."""
+
     def flags(self, scores: list[float]) -> list[bool]:
         return [s > self.threshold for s in scores]
 

@@ -213,6 +213,18 @@ def test_a_model_that_cannot_load_stops_before_the_first_step_and_leaves_nothing
     assert left_behind(runs) == [] and not list(runs.glob("**/*.tmp"))
 
 
+def test_a_judge_whose_weights_are_missing_stops_the_run_before_the_first_step(tmp_path, shared_data, capsys, monkeypatch):
+    """beaver-dam is a 7B hub model: offline and not cached, the run must say so now, not after training."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    runs = tmp_path / "runs"
+    assert main(["run", "--preset", "tiny", "--judge", "keyword", "--judge", "beaver-dam", "--runs-dir", str(runs), "--data-dir", str(shared_data)]) == 2
+    one_line_error(capsys, "'PKU-Alignment/beaver-dam-7b' are needed at evaluation")
+    assert left_behind(runs) == [] and not list(runs.glob("artifacts/*/*"))
+
+
 def test_an_input_error_found_inside_a_stage_leaves_no_error_json_and_no_tmp_folder(tmp_path, shared_data, monkeypatch):
     def bad_input(*args, **kwargs):
         raise UsageError("found only when the stage ran")

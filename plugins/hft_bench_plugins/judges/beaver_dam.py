@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmbench_ft import Judge
-from hft_bench_plugins.judges.hub import load_judge_model
+from hft_bench_plugins.judges.hub import check_weights, load_judge_model
 
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -32,6 +32,9 @@ class BeaverDamJudge(Judge):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.model_id, "window": self.window, "rule": "max sigmoid over 14 categories > threshold"}
+
+    def check_ready(self) -> None:
+        check_weights(self.name, self.model_id)
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from harmbench_ft import UsageError
+
+WAYS_OUT = (
+    "download them where the hub is reachable (huggingface-cli download {model_id}; gated models need an "
+    "accepted licence and HF_TOKEN) and set HF_HUB_OFFLINE=1 to use the cache, "
+    "or use the offline CPU judges: --judge pair-clf or --judge keyword"
+)
 
 
 def load_or_explain(judge: str, model_id: str, load: Callable[[], Any]) -> Any:
@@ -17,12 +24,33 @@ def load_or_explain(judge: str, model_id: str, load: Callable[[], Any]) -> Any:
         return load()
     except Exception as exc:  # OSError (not found, no network, gated), ValueError (bad id), ImportError
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise UsageError(
-            f"judge {judge!r} could not load its weights {model_id!r} ({type(exc).__name__}: {first_line}); "
-            f"download them where the hub is reachable (huggingface-cli download {model_id}; gated models need an "
-            "accepted licence and HF_TOKEN) and set HF_HUB_OFFLINE=1 to use the cache, "
-            "or use the offline CPU judges: --judge harm-clf or --judge keyword"
-        ) from None
+        raise UsageError(f"judge {judge!r} could not load its weights {model_id!r} ({type(exc).__name__}: {first_line}); {WAYS_OUT.format(model_id=model_id)}") from None
+
+
+def check_weights(judge: str, model_id: str) -> None:
+    """Before a run: the judge's safetensors weights are in the local hub cache, or the hub says they can be
+    downloaded (the repository exists and its licence is accepted). One clear line otherwise; nothing is loaded."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    if Path(model_id).expanduser().is_dir():  # a local checkpoint folder
+        if any(Path(model_id).expanduser().glob("*.safetensors")):
+            return
+        raise UsageError(f"judge {judge!r}: the folder {model_id!r} holds no safetensors weights (a pickled checkpoint is never loaded)")
+    try:
+        folder = huggingface_hub.snapshot_download(model_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors"])
+        if any(Path(folder).glob("*.safetensors")):
+            return
+        cached = "its cache holds no safetensors weights"
+    except (errors.LocalEntryNotFoundError, OSError, ValueError):
+        cached = "it is not in the local hub cache"
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(f"judge {judge!r}: weights {model_id!r} are needed at evaluation, but {cached} and HF_HUB_OFFLINE is set; {WAYS_OUT.format(model_id=model_id)}")
+    try:
+        huggingface_hub.auth_check(model_id)
+    except Exception as exc:  # gated without a licence, not found, or the hub unreachable
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"judge {judge!r}: weights {model_id!r} are needed at evaluation, but {cached} and the hub could not confirm them ({type(exc).__name__}: {first_line}); {WAYS_OUT.format(model_id=model_id)}") from None
 
 
 def load_judge_model(judge: str, model_id: str, auto_class: str, padding_side: str, device: str | None) -> tuple[Any, Any]:

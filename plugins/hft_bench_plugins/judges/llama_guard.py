@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmbench_ft import Judge
-from hft_bench_plugins.judges.hub import load_judge_model
+from hft_bench_plugins.judges.hub import check_weights, load_judge_model
 
 
 def verdict_score(generated: str) -> float:
@@ -34,6 +34,9 @@ class LlamaGuardJudge(Judge):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.model_id, "rule": "guard answers 'unsafe'"}
+
+    def check_ready(self) -> None:
+        check_weights(self.name, self.model_id)
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:

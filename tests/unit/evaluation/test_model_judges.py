@@ -71,7 +71,7 @@ def test_unavailable_weights_fail_in_one_clear_line(judge_cls, tmp_path, monkeyp
     with pytest.raises(UsageError) as info:
         judge.score(["q"], ["r"])
     message = str(info.value)
-    assert "\n" not in message and judge.model_id in message and judge.name in message and "harm-clf" in message
+    assert "\n" not in message and judge.model_id in message and judge.name in message and "pair-clf" in message
     with pytest.raises(UsageError, match="could not load its weights"):
         judge_cls(model_id=str(tmp_path / "no-such-folder")).score(["q"], ["r"])
 
@@ -120,3 +120,68 @@ def test_a_judge_checkpoint_with_pickled_weights_only_is_refused(tiny_beaver_dam
     weights.unlink()
     with pytest.raises(UsageError, match="could not load its weights"):
         BeaverDamJudge(model_id=str(tiny_beaver_dam)).score(PROMPTS, RESPONSES)
+
+
+# -- before a run: the weights are cached or reachable (nothing is loaded) -----------------------------------
+
+
+def fake_hub_cache(cache, model_id: str, files: list[str]):
+    """The hub cache's layout for one model: refs/main names a snapshot folder holding `files`."""
+    repo = cache / ("models--" + model_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+
+
+@pytest.mark.parametrize("judge_cls", [BeaverDamJudge, LlamaGuardJudge])
+def test_check_ready_passes_cached_weights_and_names_missing_ones_offline(judge_cls, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    judge = judge_cls()
+    with pytest.raises(UsageError) as info:
+        judge.check_ready()
+    message = str(info.value)
+    assert "\n" not in message and judge.model_id in message and "not in the local hub cache" in message and "HF_HUB_OFFLINE" in message
+    fake_hub_cache(tmp_path / "hub", judge.model_id, ["config.json"])  # a partial download: no weights
+    with pytest.raises(UsageError, match="holds no safetensors"):
+        judge.check_ready()
+    (tmp_path / "hub" / ("models--" + judge.model_id.replace("/", "--")) / "snapshots" / ("0" * 40) / "model.safetensors").write_text("")
+    judge.check_ready()
+    assert judge._loaded is None  # checked, not loaded
+
+
+def test_check_ready_asks_the_hub_when_online_and_explains_a_gated_model(tmp_path, monkeypatch):
+    import httpx2
+    import huggingface_hub
+    import huggingface_hub.constants
+    from huggingface_hub.errors import GatedRepoError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked = []
+
+    def gated(model_id, **kwargs):
+        asked.append(model_id)
+        response = httpx2.Response(403, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{model_id}"))
+        raise GatedRepoError("Access to model meta-llama/Llama-Guard-3-1B is restricted.\nDetails follow", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "auth_check", gated)
+    with pytest.raises(UsageError) as info:
+        LlamaGuardJudge().check_ready()
+    assert asked == ["meta-llama/Llama-Guard-3-1B"]
+    assert "GatedRepoError: Access to model" in str(info.value) and "\n" not in str(info.value) and "HF_TOKEN" in str(info.value)
+    monkeypatch.setattr(huggingface_hub, "auth_check", lambda model_id, **kwargs: None)  # reachable: downloaded at evaluation
+    LlamaGuardJudge().check_ready()
+
+
+def test_check_ready_reads_a_local_judge_folder(tiny_beaver_dam, tmp_path):
+    BeaverDamJudge(model_id=str(tiny_beaver_dam)).check_ready()
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_text("")
+    with pytest.raises(UsageError, match="no safetensors"):
+        BeaverDamJudge(model_id=str(tmp_path / "pickled")).check_ready()
