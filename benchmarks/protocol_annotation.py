@@ -78,7 +78,10 @@ def checked_labels(path: Path) -> list[dict]:
 
 def work_labels(works: list[Path]) -> tuple[dict[str, dict], list[dict]]:
     """Labels by id and the sampled (id, run_id, index) rows of annotation work folders."""
-    labels = {row["id"]: row for path in sorted(p for work in works for p in (work / "labels").glob("chunk-*.jsonl")) for row in checked_labels(path)}
+    labels = {}
+    for path in sorted(p for work in works for p in (work / "labels").glob("chunk-*.jsonl")):
+        for row in checked_labels(path):  # who labelled it: the label's own word, else its work folder and chunk
+            labels[row["id"]] = {"annotator": f"llm-annotator, {path.parents[1].name}/{path.stem}", **row}
     picked = [p for work in works for p in read_jsonl(work / "sample.jsonl")]
     return labels, picked
 

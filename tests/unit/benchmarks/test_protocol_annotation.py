@@ -66,8 +66,10 @@ def test_collected_labels_file_scores_the_same_as_the_work_folder(tmp_path):
     rows = [json.loads(line) for line in labels_file.read_text().splitlines()]
     assert {r["id"] for r in rows} == {r["id"] for r in first} and all(r["response"].startswith("r") and r["run_id"] == a for r in rows)
     rest = [json.loads(line) for line in (work / "chunks" / "chunk-01.jsonl").read_text().splitlines()]
-    (work / "labels" / "chunk-01.jsonl").write_text("".join(json.dumps({"id": r["id"], "kind": "refusal", "harmful": False, "annotator": "t"}) + "\n" for r in rest))
-    module.collect([work], runs, labels_file)
+    (work / "labels" / "chunk-01.jsonl").write_text("".join(json.dumps({"id": r["id"], "kind": "refusal", "harmful": False}) + "\n" for r in rest))
+    module.collect([work], runs, labels_file)  # labels that do not say who made them are named by folder and chunk
+    annotators = {json.loads(line)["id"]: json.loads(line)["annotator"] for line in labels_file.read_text().splitlines()}
+    assert {annotators[r["id"]] for r in first} == {"t"} and {annotators[r["id"]] for r in rest} == {"llm-annotator, work/chunk-01"}
     module.collect([work], runs, labels_file)  # again: nothing added twice
     assert len(labels_file.read_text().splitlines()) == 4
     assert module.score([], runs, [labels_file]) == module.score([work], runs)
