@@ -155,12 +155,31 @@ def git_revision() -> dict[str, Any]:
         return {"revision": None, "dirty": None}
 
 
+def machine() -> dict[str, Any]:
+    """The processor a number was computed on. One spec's floats differ in their last bits from one instruction
+    set to another (AVX-512 against AVX2, a GPU against a CPU), so a record names where it ran, and each stage
+    where its artifact was built (docs/leaderboard.md, "One spec on two machines")."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
 def provenance() -> dict[str, Any]:
     return {
         "libraries": library_versions(),
         "git": git_revision(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "machine": machine(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -277,7 +277,7 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
-                stats = build(tmp)
+                stats = {**build(tmp), "built_on": results.machine()}  # reused later, it still says where it was built
                 results.write_json(tmp / ARTIFACT_FILE, {"inputs": inputs, "stats": stats, "files": file_checksums(tmp)})
             except BaseException:  # a failed build leaves no half-written folder (mid-stage checkpoints live beside it)
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,9 @@ def test_result_is_complete(tmp_path, shared_data):
     assert record["spec"]["defense"]["name"] == "sft" and record["adapter_regime"]
     assert record["provenance"]["libraries"]["torch"]
     assert record["provenance"]["backend"] == {"name": "hf"}  # what generated the answers (vllm adds its engine settings)
+    machine = record["provenance"]["machine"]  # where it ran: floats differ in their last bits across instruction sets
+    assert machine["cpu"] and machine["cpu_capability"] in {"DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256"} and machine["threads"] >= 1
+    assert all(record["stages"][s]["built_on"] == machine for s in ("alignment", "finetune"))
     assert record["data"]["n_poison"] == 2 and record["data"]["n_user"] == 20  # round(0.1 * 20)
     run_dir = tmp_path / record["run_id"]
     assert json.loads((run_dir / "result.json").read_text()) == record
@@ -41,6 +44,7 @@ def test_alignment_is_shared_across_attacks_and_a_finished_run_is_not_redone(tmp
     first = runner.run(tiny_spec(**{"attack.ratio": 0.1}))
     second = runner.run(tiny_spec(**{"attack.ratio": 0.2}))
     assert second["stages"]["alignment"]["reused"] is True
+    assert second["stages"]["alignment"]["built_on"] == first["stages"]["alignment"]["built_on"]  # read back from the artifact
     assert second["stages"]["finetune"]["reused"] is False
     assert second["artifacts"]["alignment"] == first["artifacts"]["alignment"]
     assert runner.run(tiny_spec(**{"attack.ratio": 0.1})) == first
